@@ -1,0 +1,425 @@
+"""The run configuration: one typed tree, read from YAML, overridden from the command line.
+
+A run is fully described by a `RunConfig`. YAML files in `configs/` fill it (a variant file
+names its family recipe under `base:`), then `section.key=value` overrides from the command
+line. Every key and value is checked against the dataclasses below before anything starts:
+an unknown key names the closest valid one, a wrong type or range names key, value and what
+is allowed. Key names follow timm/DeiT where those are what users know.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and what is allowed."""
+
+
+def knob(default: Any, *, ge: float | None = None, gt: float | None = None,
+         le: float | None = None, lt: float | None = None) -> Any:
+    """A config field with optional numeric bounds, checked at load time."""
+    bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=bounds)
+    return field(default=default, metadata=bounds)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cs_mixer_tiny"            # a name from models.list_models()
+    num_classes: int = knob(1000, ge=1)
+    img_size: int = knob(224, ge=8)        # train/eval resolution (square)
+    drop_path: float | None = knob(None, ge=0.0, lt=1.0)  # null: the variant's default
+
+
+@dataclass
+class DataConfig:
+    backend: Literal["dali", "ffcv", "folder", "synthetic"] = "folder"
+    root: str | None = None                # ImageNet layout: ROOT/train/<class>/*.JPEG, ROOT/val/...
+    workers: int = knob(8, ge=0)           # loader processes / DALI threads per rank
+    scale: list[float] = knob([0.08, 1.0])  # RandomResizedCrop area range
+    ratio: list[float] = knob([0.75, 4.0 / 3.0])
+    hflip: float = knob(0.5, ge=0.0, le=1.0)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    crop_pct: float | None = knob(None, gt=0.0, le=1.0)  # eval resize = img_size / crop_pct; null: model's
+    synthetic_size: int = knob(12800, ge=1)  # samples per epoch for backend=synthetic
+
+
+@dataclass
+class AugConfig:
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # rand-m<M>[-n<N>][-mstd<S>][-inc1] | autoaug-imagenet | none
+    mixup: float = knob(0.8, ge=0.0)       # Beta(alpha) for Mixup; 0 disables
+    cutmix: float = knob(1.0, ge=0.0)      # Beta(alpha) for CutMix; 0 disables
+    mixup_prob: float = knob(1.0, ge=0.0, le=1.0)
+    mixup_switch_prob: float = knob(0.5, ge=0.0, le=1.0)
+    mixup_off_epoch: int = knob(0, ge=0)   # turn Mixup/CutMix off for the last N epochs
+    smoothing: float = knob(0.1, ge=0.0, lt=1.0)
+    reprob: float = knob(0.25, ge=0.0, le=1.0)
+    remode: Literal["pixel", "const", "rand"] = "pixel"
+    recount: int = knob(1, ge=1)
+
+
+@dataclass
+class OptimConfig:
+    opt: Literal["adamw"] = "adamw"
+    lr: float | None = knob(None, gt=0.0)  # null: lr_base * global_batch / lr_base_size
+    lr_base: float = knob(5e-4, gt=0.0)
+    lr_base_size: int = knob(512, ge=1)
+    weight_decay: float = knob(0.05, ge=0.0)
+    betas: list[float] = knob([0.9, 0.999])
+    eps: float = knob(1e-8, gt=0.0)
+    clip_grad: float | None = knob(None, gt=0.0)  # global grad-norm clip; null: none
+
+
+@dataclass
+class ScheduleConfig:
+    sched: Literal["cosine"] = "cosine"    # stepped per optimizer update, not per epoch
+    warmup_epochs: float = knob(5.0, ge=0.0)
+    warmup_lr: float = knob(1e-6, ge=0.0)
+    min_lr: float = knob(1e-5, ge=0.0)
+    cooldown_epochs: float = knob(0.0, ge=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = knob(300, ge=1)
+    batch_size: int | None = knob(None, ge=1)    # per GPU (DeepSpeed's train_micro_batch_size_per_gpu)
+    global_batch: int | None = knob(None, ge=1)  # DeepSpeed's train_batch_size
+    grad_accum: int | None = knob(None, ge=1)    # DeepSpeed's gradient_accumulation_steps
+    seed: int = knob(0, ge=0)
+    max_steps: int | None = knob(None, ge=1)     # stop after this many optimizer steps
+    log_every: int = knob(50, ge=1)
+    model_ema: bool = False
+    model_ema_decay: float = knob(0.99996, gt=0.0, lt=1.0)
+    output_dir: str = "runs"
+    run_name: str | None = None                  # null: <model>-<timestamp>
+    resume: str = "auto"                         # auto | none | path to a checkpoint
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = knob(2, ge=0, le=3)
+    bf16: bool = True
+    config: str | None = None   # a DeepSpeed JSON merged on top of the generated one
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = knob(0, ge=0)   # 0: only at epoch ends
+    keep_last: int = knob(3, ge=1)
+    dir: str | None = None             # null: <run dir>/checkpoints
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None             # null: $MLFLOW_TRACKING_URI, else a local SQLite store
+    experiment: str = "vision-mlp"
+    system_metrics: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# ----------------------------------------------------------------------------- schema
+
+def _sections() -> dict[str, type]:
+    return typing.get_type_hints(RunConfig)
+
+
+def _fields(section_cls: type) -> dict[str, tuple[Any, dict[str, float]]]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: (hints[f.name], dict(f.metadata)) for f in dataclasses.fields(section_cls)}
+
+
+def valid_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in _sections().items() for k in _fields(cls)]
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
+    if not close and "." in key:  # right key name in the wrong section, e.g. train.lr
+        leaf = key.split(".", 1)[1]
+        close = [k for k in valid_keys() if k.split(".", 1)[1] == leaf][:1]
+    hint = f" (did you mean {close[0]}?)" if close else f"; valid sections: {', '.join(_sections())}"
+    return ConfigError(f"{where}unknown config key '{key}'{hint}")
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise TypeError. Only lossless conversions are made."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is Literal:
+        if value in args:
+            return value
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [_coerce(v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError from None
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise TypeError
+    raise TypeError
+
+
+def _check_bounds(key: str, value: Any, bounds: dict[str, float], where: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v is None:
+            continue
+        for op, limit in bounds.items():
+            ok = {"ge": v >= limit, "gt": v > limit, "le": v <= limit, "lt": v < limit}[op]
+            if not ok:
+                sign = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[op]
+                raise ConfigError(f"{where}{key}={value!r} is out of range: must be {sign} {limit}")
+
+
+def _set(cfg: RunConfig, key: str, value: Any, where: str) -> None:
+    section, _, name = key.partition(".")
+    sections = _sections()
+    if section not in sections or name not in _fields(sections[section]):
+        raise _unknown_key(key, where)
+    tp, bounds = _fields(sections[section])[name]
+    try:
+        typed = _coerce(value, tp)
+    except TypeError:
+        raise ConfigError(f"{where}{key}={value!r} has the wrong type: expected {_describe(tp)}") from None
+    _check_bounds(key, typed, bounds, where)
+    setattr(getattr(cfg, section), name, typed)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file and the `base:` file(s) it extends into {"section.key": (value, file)}."""
+    path = path.resolve()
+    if path in chain:
+        raise ConfigError(f"{path}: 'base:' loop: " + " -> ".join(str(p) for p in (*chain, path)))
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    bases = data.pop("base", None) or []
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a file name or a list of them, got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:  # in order: a later base overrides an earlier one, the file itself all of them
+        merged.update(_read_yaml(path.parent / base, (*chain, path)))
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            if section in _sections():
+                raise ConfigError(f"{path}: section '{section}' must be a mapping, got {values!r}")
+            raise _unknown_key(str(section), f"{path}: ")
+        for name, value in values.items():
+            merged[f"{section}.{name}"] = (value, path)
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=2e-3' -> ('optim.lr', 0.002); the value is read as YAML, then typed by the schema."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*\.[A-Za-z_]\w*", key.strip()):
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict,)):
+        value = raw  # a mapping is never a valid leaf value; keep the text for the error message
+    return key.strip(), value
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Build the RunConfig for a YAML file plus command-line overrides, validated."""
+    cfg = RunConfig()
+    for key, (value, source) in _read_yaml(Path(path)).items():
+        _set(cfg, key, value, f"{source}: ")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value, "command line: ")
+    validate(cfg)
+    return cfg
+
+
+_AUTO_AUGMENT = re.compile(r"rand(-(m\d+(\.\d+)?|n\d+|mstd\d+(\.\d+)?|inc[01]|mmax\d+(\.\d+)?|w\d+))*")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that span several keys or need the model registry."""
+    from models import list_models  # the model table lives in one place: the registry
+
+    if cfg.model.name not in list_models():
+        close = difflib.get_close_matches(cfg.model.name, list_models(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"model.name='{cfg.model.name}' is not a known model{hint}; "
+                          f"known: {', '.join(list_models())}")
+    aa = cfg.aug.auto_augment
+    if aa not in ("none", "autoaug-imagenet") and not _AUTO_AUGMENT.fullmatch(aa):
+        raise ConfigError(f"aug.auto_augment='{aa}' is not understood: expected 'none', "
+                          "'autoaug-imagenet' or a RandAugment string like 'rand-m9-mstd0.5-inc1'")
+    for key, pair in (("data.scale", cfg.data.scale), ("data.ratio", cfg.data.ratio),
+                      ("optim.betas", cfg.optim.betas)):
+        if len(pair) != 2 or pair[0] > pair[1] or pair[0] <= 0:
+            raise ConfigError(f"{key}={pair!r}: expected [low, high] with 0 < low <= high")
+    if cfg.data.scale[1] > 1.0 or any(not 0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"data.scale must lie in (0, 1] and optim.betas in [0, 1): "
+                          f"got data.scale={cfg.data.scale}, optim.betas={cfg.optim.betas}")
+    if cfg.schedule.warmup_epochs + cfg.schedule.cooldown_epochs >= cfg.train.epochs:
+        raise ConfigError(f"schedule.warmup_epochs ({cfg.schedule.warmup_epochs}) + cooldown_epochs "
+                          f"({cfg.schedule.cooldown_epochs}) must be fewer than train.epochs ({cfg.train.epochs})")
+    if cfg.schedule.min_lr > (cfg.optim.lr or float("inf")):
+        raise ConfigError(f"schedule.min_lr={cfg.schedule.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    if cfg.train.batch_size is None and cfg.train.global_batch is None:
+        raise ConfigError("set train.batch_size (per GPU) or train.global_batch (or both)")
+    if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
+        raise ConfigError(f"deepspeed.config={cfg.deepspeed.config!r}: file not found")
+    if cfg.train.resume not in ("auto", "none") and not Path(cfg.train.resume).exists():
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: expected 'auto', 'none' or an existing checkpoint path")
+
+
+# ----------------------------------------------------------------------------- derived values
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch splits over ranks and accumulation steps, and the lr that follows."""
+    world_size: int
+    batch_size: int      # per rank, per forward pass
+    grad_accum: int
+    global_batch: int
+    lr: float
+    lr_rule: str         # how lr was obtained, for the start-up log
+
+
+def plan_batch(cfg: RunConfig, world_size: int) -> BatchPlan:
+    """Resolve batch_size x grad_accum x world_size = global_batch as DeepSpeed does:
+    any two given determine the third; all three given must agree."""
+    t = cfg.train
+    bs, acc, gb = t.batch_size, t.grad_accum, t.global_batch
+    if gb is None:
+        bs, acc = bs, acc or 1
+        gb = bs * acc * world_size
+    elif bs is None:
+        acc = acc or 1
+        if gb % (acc * world_size):
+            raise ConfigError(f"train.global_batch={gb} is not divisible by train.grad_accum={acc} x "
+                              f"world size {world_size}")
+        bs = gb // (acc * world_size)
+    elif acc is None:
+        if gb % (bs * world_size):
+            raise ConfigError(f"train.global_batch={gb} is not divisible by train.batch_size={bs} x "
+                              f"world size {world_size}; choose a batch_size that divides "
+                              f"{gb // world_size if gb % world_size == 0 else gb}, or change global_batch")
+        acc = gb // (bs * world_size)
+    elif bs * acc * world_size != gb:
+        raise ConfigError(f"train.batch_size={bs} x train.grad_accum={acc} x world size {world_size} = "
+                          f"{bs * acc * world_size}, not train.global_batch={gb}; "
+                          "set one of the three to null to have it derived")
+    if cfg.optim.lr is not None:
+        lr, rule = cfg.optim.lr, f"optim.lr={cfg.optim.lr:g} pinned by the config (no batch scaling)"
+    else:
+        lr = cfg.optim.lr_base * gb / cfg.optim.lr_base_size
+        rule = (f"linear rule: lr_base {cfg.optim.lr_base:g} x global batch {gb} / "
+                f"{cfg.optim.lr_base_size} = {lr:g}")
+    return BatchPlan(world_size, bs, acc, gb, lr, rule)
+
+
+def resolved(cfg: RunConfig, world_size: int) -> RunConfig:
+    """A copy with the derived values (per-GPU batch, accumulation, global batch, lr) filled in:
+    what --print-config shows and what is saved with the run."""
+    plan = plan_batch(cfg, world_size)
+    out = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, batch_size=plan.batch_size, grad_accum=plan.grad_accum, global_batch=plan.global_batch),
+        optim=dataclasses.replace(cfg.optim, lr=plan.lr))
+    if out.schedule.min_lr > plan.lr:
+        raise ConfigError(f"schedule.min_lr={out.schedule.min_lr:g} exceeds the lr {plan.lr:g} "
+                          f"({plan.lr_rule})")
+    return out
+
+
+def find_config(name: str) -> Path:
+    """Accept a path or a bare config name ('cs_mixer_l' -> configs/cs_mixer_l.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(path.stem, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise ConfigError(f"config file not found: {name}{hint}; shipped configs: {', '.join(known)}")
