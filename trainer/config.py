@@ -146,7 +146,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sections as blocks, lists inline ([0.08, 1.0]): reads like the files in configs/."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
 # ----------------------------------------------------------------------------- schema
@@ -390,7 +397,7 @@ def plan_batch(cfg: RunConfig, world_size: int) -> BatchPlan:
                           f"{bs * acc * world_size}, not train.global_batch={gb}; "
                           "set one of the three to null to have it derived")
     if cfg.optim.lr is not None:
-        lr, rule = cfg.optim.lr, f"optim.lr={cfg.optim.lr:g} pinned by the config (no batch scaling)"
+        lr, rule = cfg.optim.lr, f"config: optim.lr={cfg.optim.lr:g} pinned (no batch scaling)"
     else:
         lr = cfg.optim.lr_base * gb / cfg.optim.lr_base_size
         rule = (f"linear rule: lr_base {cfg.optim.lr_base:g} x global batch {gb} / "
