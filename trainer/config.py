@@ -172,10 +172,9 @@ def valid_keys() -> list[str]:
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
-    if not close and "." in key:  # right key name in the wrong section, e.g. train.lr
-        leaf = key.split(".", 1)[1]
-        close = [k for k in valid_keys() if k.split(".", 1)[1] == leaf][:1]
+    leaf = key.partition(".")[2]  # the right key name in the wrong section (train.lr) first
+    close = [k for k in valid_keys() if k.partition(".")[2] == leaf][:1] or \
+        difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]}?)" if close else f"; valid sections: {', '.join(_sections())}"
     return ConfigError(f"{where}unknown config key '{key}'{hint}")
 
