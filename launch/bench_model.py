@@ -1,0 +1,91 @@
+"""Model speed: forward+backward images/s per variant and batch size on the current device.
+
+    python launch/bench_model.py --model cs_mixer_t --batch 32 [--model s2mlpv2_small ...] [--json out.json]
+
+On a GPU it runs in bf16 autocast (add --compile for torch.compile) and times with CUDA events;
+on a CPU in fp32 unless --bf16. A benchmark, not a test: it prints figures and asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from models import count_gmacs, create_model, model_info
+
+
+def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: bool,
+          device: torch.device, img_size: int | None) -> dict:
+    size = img_size or model_info(name).img_size
+    model = create_model(name, img_size=size).to(device)
+    gmacs = count_gmacs(model, size)
+    step_model = torch.compile(model) if compile_ else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(step_model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = time.perf_counter() - t0
+    ips = batch * steps / seconds
+    # forward+backward = 3x the forward MACs, 2 FLOPs per MAC
+    return dict(model=name, img_size=size, batch=batch, bf16=bf16, compile=compile_, device=str(device),
+                images_per_s=round(ips, 1), tflops=round(ips * gmacs * 3 * 2 / 1e3, 3))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", help="variant name; repeat for several (default cs_mixer_t)")
+    p.add_argument("--batch", type=int, action="append", help="batch size; repeat for several (default 32)")
+    p.add_argument("--img-size", type=int, help="input side (default: the variant's)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with a GPU, off on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    rows = []
+    print(f"{'model':<16}{'size':>5}{'batch':>6}{'dtype':>6}{'compile':>8}{'img/s':>10}{'TFLOP/s':>9}")
+    for name in args.model or ["cs_mixer_t"]:
+        for batch in args.batch or [32]:
+            r = bench(name, batch, args.steps, args.warmup, bf16, args.compile, device, args.img_size)
+            rows.append(r)
+            print(f"{name:<16}{r['img_size']:>5}{batch:>6}{'bf16' if bf16 else 'fp32':>6}"
+                  f"{str(args.compile):>8}{r['images_per_s']:>10.1f}{r['tflops']:>9.3f}", flush=True)
+    env = dict(torch=torch.__version__, python=platform.python_version(), host=platform.node(),
+               device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(env=env, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
