@@ -15,7 +15,11 @@ from models import model_info
 from .datasets import write_digits
 from .folder import build_folder_loaders
 
-__all__ = ["build_loaders", "write_digits", "DeviceLoader", "SyntheticLoader"]
+__all__ = ["DataError", "build_loaders", "write_digits", "DeviceLoader", "SyntheticLoader"]
+
+
+class DataError(ValueError):
+    """The configured data cannot be used; the message names the path or key and what is wrong."""
 
 
 class DeviceLoader:
@@ -67,15 +71,15 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device, batch_s
         return make(cfg.train.seed + rank), make(cfg.train.seed + 10_000 + rank)
     if d.backend == "folder":
         if not d.root:
-            raise ValueError("data.root is not set: the folder with train/<class>/ and val/<class>/")
+            raise DataError("data.root is not set: the folder with train/<class>/ and val/<class>/")
         train, val = build_folder_loaders(
             d.root, cfg.model.img_size, batch_size, rank, world_size, workers=d.workers, seed=cfg.train.seed,
             scale=d.scale, ratio=d.ratio, hflip=d.hflip, crop_pct=d.crop_pct or info.crop_pct,
             interpolation=d.interpolation)
         n_classes = len(train.dataset.classes)
         if n_classes != cfg.model.num_classes:
-            raise ValueError(f"data.root {d.root} has {n_classes} classes but model.num_classes="
+            raise DataError(f"data.root {d.root} has {n_classes} classes but model.num_classes="
                              f"{cfg.model.num_classes}")
         return DeviceLoader(train, device, info.mean, info.std), DeviceLoader(val, device, info.mean, info.std)
-    raise NotImplementedError(f"data.backend={d.backend} is not available yet in this version; "
+    raise DataError(f"data.backend={d.backend} is not available yet in this version; "
                               "use data.backend=folder (Pillow reference loader) or synthetic")

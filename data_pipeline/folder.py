@@ -122,7 +122,8 @@ def build_folder_loaders(root: str, img_size: int, batch_size: int, rank: int, w
     train_set = ImageFolderSplit(root, "train", train=True, scale=scale, ratio=ratio, hflip=hflip, **common)
     val_set = ImageFolderSplit(root, "val", train=False, crop_pct=crop_pct, **common)
     if train_set.classes != val_set.classes:
-        raise ValueError(f"data.root: {root}/train and {root}/val have different class folders")
+        raise FileNotFoundError(f"data.root: {root}/train and {root}/val have different class folders: "
+                                f"{set(train_set.classes) ^ set(val_set.classes)} are in only one of them")
     train_sampler = ShardSampler(len(train_set), rank, world_size, shuffle=True, seed=seed, drop_last_to=batch_size)
     val_sampler = ShardSampler(len(val_set), rank, world_size, shuffle=False)
     # Each rank's workers draw augmentation randomness from a generator seeded by (seed, rank).

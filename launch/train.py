@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         print(resolved(cfg, world_size).to_yaml(), end="")
         return 0
 
-    from trainer.loop import train  # heavy imports only when training
+    from data_pipeline import DataError  # heavy imports only when training
+    from trainer.loop import train
     try:
         top1 = train(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, NotImplementedError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:

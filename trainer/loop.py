@@ -130,7 +130,8 @@ def train(cfg: RunConfig) -> float:
     running = torch.zeros((), device=env.device)
     t0 = time.perf_counter()
     for epoch in range(cfg.train.epochs):
-        train_loader.sampler.set_epoch(epoch) if hasattr(train_loader.sampler, "set_epoch") else None
+        if hasattr(train_loader, "sampler"):
+            train_loader.sampler.set_epoch(epoch)
         for i, (images, labels) in enumerate(train_loader):
             with autocast():
                 loss = loss_fn(ddp_model(images), labels) / plan.grad_accum
