@@ -1,85 +1,139 @@
-"""Input pipelines. One interface for every backend:
+"""Input pipelines. One interface for every backend (dali, ffcv, folder, synthetic):
 
-    train, val = build_loaders(cfg, rank, world_size, device)
+    train, val = build_loaders(cfg, rank, world_size)
 
-Each yields (images, labels) ready for the model: float NCHW, normalised, on `device`.
+Each loader knows its length (batches per epoch), can be positioned with
+`set_position(epoch, step)`, and yields (images, targets) ready for the model: float NCHW,
+normalised, on the training device. Train targets are soft (B, num_classes) — label smoothing and
+Mixup/CutMix folded in; val targets are class indices.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from models import model_info
 
 from .datasets import write_digits
-from .folder import build_folder_loaders
+from .sharding import batch_seed
 
-__all__ = ["DataError", "build_loaders", "write_digits", "DeviceLoader", "SyntheticLoader"]
+__all__ = ["DataError", "Loader", "build_loaders", "write_digits"]
 
 
 class DataError(ValueError):
     """The configured data cannot be used; the message names the path or key and what is wrong."""
 
 
-class DeviceLoader:
-    """Moves uint8 batches to the device and normalises them there (one fused op, no host work)."""
+Stage = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
-    def __init__(self, loader, device: torch.device, mean, std) -> None:
-        self.loader, self.device = loader, device
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
-    @property
-    def sampler(self):
-        return self.loader.sampler
+class Loader:
+    """The common face of every backend. `source.batches(epoch, start_step)` yields the backend's
+    batches; the on-device `stage` turns them into model inputs, seeded per (seed, rank, epoch, step)."""
+
+    def __init__(self, source, stage: Stage, device: torch.device, seed: int, rank: int) -> None:
+        self.source, self.stage, self.device, self.seed, self.rank = source, stage, device, seed, rank
+        self.epoch, self.step = 0, 0
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.source.batches_per_epoch
+
+    def set_position(self, epoch: int, step: int = 0) -> None:
+        """The next iteration yields epoch `epoch` from its batch `step` on."""
+        if not 0 <= step <= len(self):
+            raise ValueError(f"step {step} is outside epoch of {len(self)} batches")
+        self.epoch, self.step = epoch, step
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
+        epoch, step = self.epoch, self.step
+        for images, labels in self.source.batches(epoch, step):
             images = images.to(self.device, non_blocking=True)
-            yield (images.float() - self.mean) * self.inv_std, labels.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            yield self.stage(images, labels, batch_seed(self.seed, self.rank, epoch, step))
+            step += 1
+        self.epoch, self.step = epoch + 1, 0  # a plain loop over epochs needs no set_position
 
 
-class SyntheticLoader:
-    """Random images at the configured shape, made once on the device: measures model speed alone."""
-
-    def __init__(self, batch_size: int, steps: int, img_size: int, num_classes: int,
-                 device: torch.device, seed: int) -> None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.images = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
-        self.labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
-        self.steps = steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self):
-        for _ in range(self.steps):
-            yield self.images, self.labels
+def _normalizer(mean, std, device: torch.device):
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+    return lambda images: (images.float() - mean) * inv_std
 
 
-def build_loaders(cfg, rank: int, world_size: int, device: torch.device, batch_size: int):
-    """(train, val) loaders for `cfg.data.backend`, sharded for this rank."""
+def _val_stage(mean, std, device) -> Stage:
+    normalize = _normalizer(mean, std, device)
+    return lambda images, labels, seed: (normalize(images), labels)
+
+
+def _train_stage(cfg, mean, std, device, normalized_input: bool) -> Stage:
+    from .augment import DeviceAugment
+
+    a = cfg.aug
+    return DeviceAugment(auto_augment="none" if normalized_input else a.auto_augment, mean=mean, std=std,
+                         normalize=not normalized_input, reprob=a.reprob, remode=a.remode, recount=a.recount,
+                         mixup=a.mixup, cutmix=a.cutmix, mixup_prob=a.mixup_prob,
+                         switch_prob=a.mixup_switch_prob, smoothing=a.smoothing,
+                         num_classes=cfg.model.num_classes, device=device)
+
+
+def default_device() -> torch.device:
+    import os
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None = None) -> tuple[Loader, Loader]:
+    """(train, val) loaders for `cfg.data.backend`, sharded for this rank. `cfg` is resolved
+    (trainer.config.resolved): train.batch_size is the per-rank batch."""
+    device = device or default_device()
     info = model_info(cfg.model.name)
-    d = cfg.data
+    d, bs, seed, size = cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.model.img_size
+    crop_pct = d.crop_pct or info.crop_pct
+    if (cfg.aug.mixup or cfg.aug.cutmix) and bs % 2:
+        raise DataError(f"Mixup/CutMix need an even per-rank batch, got train.batch_size={bs}")
     if d.backend == "synthetic":
-        steps = max(1, d.synthetic_size // (batch_size * world_size))
-        make = lambda s: SyntheticLoader(batch_size, steps, cfg.model.img_size, cfg.model.num_classes, device, s)
-        return make(cfg.train.seed + rank), make(cfg.train.seed + 10_000 + rank)
-    if d.backend == "folder":
-        if not d.root:
-            raise DataError("data.root is not set: the folder with train/<class>/ and val/<class>/")
-        train, val = build_folder_loaders(
-            d.root, cfg.model.img_size, batch_size, rank, world_size, workers=d.workers, seed=cfg.train.seed,
-            scale=d.scale, ratio=d.ratio, hflip=d.hflip, crop_pct=d.crop_pct or info.crop_pct,
-            interpolation=d.interpolation)
-        n_classes = len(train.dataset.classes)
-        if n_classes != cfg.model.num_classes:
-            raise DataError(f"data.root {d.root} has {n_classes} classes but model.num_classes="
-                             f"{cfg.model.num_classes}")
-        return DeviceLoader(train, device, info.mean, info.std), DeviceLoader(val, device, info.mean, info.std)
-    raise DataError(f"data.backend={d.backend} is not available yet in this version; "
-                              "use data.backend=folder (Pillow reference loader) or synthetic")
+        from .synthetic import SyntheticSource
+        steps = max(1, d.synthetic_size // (bs * world_size))
+        train_src = SyntheticSource(bs, steps, size, cfg.model.num_classes, seed + rank, device)
+        val_src = SyntheticSource(bs, max(1, steps // 10), size, cfg.model.num_classes, seed + 10_007 + rank, device)
+        normalized = False
+    elif not d.root:
+        raise DataError(f"data.root is not set: data.backend={d.backend} needs the dataset's folder")
+    elif d.backend == "folder":
+        from .folder import FolderSource, check_same_classes, scan_split
+        train_samples, train_classes = scan_split(d.root, "train")
+        val_samples, val_classes = scan_split(d.root, "val")
+        check_same_classes(d.root, train_classes, val_classes)
+        if len(train_classes) != cfg.model.num_classes:
+            raise DataError(f"data.root {d.root} has {len(train_classes)} classes but model.num_classes="
+                            f"{cfg.model.num_classes}")
+        common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
+                      img_size=size, interpolation=d.interpolation)
+        train_src = FolderSource(train_samples, train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip, **common)
+        val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
+        normalized = False
+    elif d.backend == "ffcv":
+        from .ffcv_source import FfcvSource
+        common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
+                      img_size=size, device=device, num_classes=cfg.model.num_classes)
+        train_src = FfcvSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip, **common)
+        val_src = FfcvSource(d.root, "val", train=False, crop_pct=crop_pct, **common)
+        normalized = False
+    elif d.backend == "dali":
+        from .dali_source import DaliSource
+        common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
+                      img_size=size, device=device, num_classes=cfg.model.num_classes, mean=info.mean,
+                      std=info.std, interpolation=d.interpolation)
+        train_src = DaliSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
+                               auto_augment=cfg.aug.auto_augment, **common)
+        val_src = DaliSource(d.root, "val", train=False, crop_pct=crop_pct, **common)
+        normalized = True
+    else:
+        raise DataError(f"data.backend={d.backend!r}: expected dali, ffcv, folder or synthetic")
+    val_stage = (lambda images, labels, seed: (images, labels)) if normalized else \
+        _val_stage(info.mean, info.std, device)
+    train = Loader(train_src, _train_stage(cfg, info.mean, info.std, device, normalized), device, seed, rank)
+    val = Loader(val_src, val_stage, device, seed, rank)
+    return train, val

@@ -1,42 +1,71 @@
-"""The reference input pipeline: Pillow decode and crop in DataLoader workers.
+"""The reference input pipeline: Pillow decode, RandomResizedCrop and flip in DataLoader workers.
 
-Slow but simple and dependency-free; the correctness yardstick for the fast backends.
-Workers return uint8 CHW tensors; normalisation happens on the training device, per batch.
+Slow but simple and dependency-free: the correctness yardstick for the fast backends and the
+fallback that works everywhere. Workers return uint8 CHW tensors; the on-device stage does the
+rest. Each sample's crop and flip are drawn from (seed, epoch, index), so any (epoch, step)
+position reproduces the uninterrupted stream whatever the number of workers.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
+
+from .sharding import train_shard, val_shard
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
+def filelist_path(root: str | Path, split: str) -> Path:
+    """Written by `launch/prepare_data.py verify`: the checked images, 'relative/path label' per line."""
+    return Path(root) / f"{split}_filelist.txt"
+
+
 def scan_split(root: str | Path, split: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """(path, class index) for every image of ROOT/split/<class>/; class index = sorted folder order."""
+    """(path, class index) for every image of ROOT/split/<class>/; class index = sorted folder order.
+    Uses the verified file list from prepare_data when there is one."""
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"data.root: {folder} does not exist (expected ROOT/{split}/<class>/*.JPEG)")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
-        raise FileNotFoundError(f"data.root: {folder} has no class folders")
-    samples = [(str(f), idx) for idx, c in enumerate(classes)
-               for f in sorted((folder / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not samples:
-        raise FileNotFoundError(f"data.root: no images under {folder}/<class>/")
+        raise FileNotFoundError(f"data.root: {folder} has no class folders (expected {folder}/<class>/*.JPEG)")
+    listed = filelist_path(root, split)
+    if listed.is_file():
+        samples = []
+        for line in listed.read_text().splitlines():
+            rel, label = line.rsplit(" ", 1)
+            samples.append((str(Path(root) / rel), int(label)))
+        return samples, classes
+    samples = []
+    for idx, c in enumerate(classes):
+        files = sorted(f for f in (folder / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"data.root: class folder {folder / c} has no images "
+                                    f"(expected *.JPEG/*.jpg/*.png)")
+        samples += [(str(f), idx) for f in files]
     return samples, classes
 
 
-def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
-                            ratio: tuple[float, float], gen: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def check_same_classes(root: str | Path, train_classes: list[str], val_classes: list[str]) -> None:
+    if train_classes != val_classes:
+        only = sorted(set(train_classes) ^ set(val_classes))
+        raise FileNotFoundError(f"data.root: {root}/train and {root}/val have different class folders "
+                                f"({len(train_classes)} vs {len(val_classes)}; in only one: {only[:5]})")
+
+
+def random_resized_crop_box(width: int, height: int, scale, ratio,
+                            gen: torch.Generator | None = None) -> tuple[int, int, int, int]:
     """Box (left, top, right, bottom) of Inception-style random-resized-crop sampling."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        u = torch.rand(4, generator=gen).tolist()
+        u = torch.rand(4, generator=gen, dtype=torch.float64).tolist()
         target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
         aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
@@ -51,84 +80,90 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return left, top, left + w, top + h
 
 
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
+def load_rgb(path: str) -> Image.Image:
+    """Decode to RGB (grayscale, CMYK, palette and alpha images included), naming the file on failure."""
+    try:
+        with Image.open(path) as f:
+            return f.convert("RGB")
+    except Exception as e:  # PIL raises several types for truncated/corrupt data
+        raise RuntimeError(f"{path}: cannot decode image ({e}); `launch/prepare_data.py verify --skip-bad` "
+                           "lists and excludes unreadable files") from None
+
+
+def center_crop(img: Image.Image, size: int, crop_pct: float, resample: int) -> Image.Image:
+    """Resize the short side to size / crop_pct, then take the central size x size."""
+    short = math.floor(size / crop_pct)
+    w, h = (short, round(short * img.height / img.width)) if img.width <= img.height else \
+           (round(short * img.width / img.height), short)
+    img = img.resize((w, h), resample)
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 class ImageFolderSplit(Dataset):
-    def __init__(self, root: str | Path, split: str, img_size: int, train: bool, *,
-                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3),
-                 hflip: float = 0.5, crop_pct: float = 0.875, interpolation: str = "bicubic") -> None:
-        self.samples, self.classes = scan_split(root, split)
-        self.img_size, self.train = img_size, train
+    """Indexed by (epoch, index) so that a sample's random crop depends on nothing else."""
+
+    def __init__(self, samples: list[tuple[str, int]], img_size: int, train: bool, *, seed: int = 0,
+                 scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
+                 interpolation: str = "bicubic") -> None:
+        self.samples, self.img_size, self.train, self.seed = samples, img_size, train, seed
         self.scale, self.ratio, self.hflip, self.crop_pct = tuple(scale), tuple(ratio), hflip, crop_pct
         self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
         path, label = self.samples[index]
-        with Image.open(path) as f:
-            img = f.convert("RGB")
+        img = load_rgb(path)
         size = self.img_size
         if self.train:
-            box = random_resized_crop_box(img.width, img.height, self.scale, self.ratio)
-            img = img.resize((size, size), self.resample, box=box)
-            if self.hflip and torch.rand(()).item() < self.hflip:
+            gen = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & (2 ** 62 - 1))
+            img = img.resize((size, size), self.resample,
+                             box=random_resized_crop_box(img.width, img.height, self.scale, self.ratio, gen))
+            if self.hflip and torch.rand((), generator=gen).item() < self.hflip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        else:  # resize the short side to size / crop_pct, then centre-crop size x size
-            short = math.floor(size / self.crop_pct)
-            w, h = (short, round(short * img.height / img.width)) if img.width <= img.height else \
-                   (round(short * img.width / img.height), short)
-            img = img.resize((w, h), self.resample)
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        return _to_tensor(img), label
+        else:
+            img = center_crop(img, size, self.crop_pct, self.resample)
+        return to_uint8_chw(img), label
 
 
-class ShardSampler(Sampler[int]):
-    """Rank r of n takes every n-th index of a (per-epoch, seeded) permutation.
+class _PositionedBatches:
+    """A batch sampler whose epoch and start step are set before each pass (read in the main
+    process, so persistent workers pick up the change)."""
 
-    Training drops the tail so every rank sees the same number of full batches; evaluation keeps
-    every index exactly once across ranks (no padding duplicates to distort accuracy)."""
+    def __init__(self, order_fn, batch_size: int) -> None:
+        self.order_fn, self.batch_size, self.epoch, self.start = order_fn, batch_size, 0, 0
 
-    def __init__(self, size: int, rank: int, world_size: int, shuffle: bool, seed: int = 0,
-                 drop_last_to: int = 1) -> None:
-        self.size, self.rank, self.world_size = size, rank, world_size
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-        self.usable = size - size % (world_size * drop_last_to) if drop_last_to > 1 else size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=gen).tolist()
-
-    def __iter__(self):
-        return iter(self._order()[: self.usable][self.rank:: self.world_size])
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.order_fn(self.epoch)
+        for s in range(self.start * self.batch_size, len(order), self.batch_size):
+            yield [(self.epoch, int(i)) for i in order[s:s + self.batch_size]]
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.usable, self.world_size))
+        return -(-len(self.order_fn(self.epoch)) // self.batch_size) - self.start
 
 
-def build_folder_loaders(root: str, img_size: int, batch_size: int, rank: int, world_size: int, *,
-                         workers: int, seed: int, scale, ratio, hflip: float, crop_pct: float,
-                         interpolation: str) -> tuple[DataLoader, DataLoader]:
-    common = dict(img_size=img_size, interpolation=interpolation)
-    train_set = ImageFolderSplit(root, "train", train=True, scale=scale, ratio=ratio, hflip=hflip, **common)
-    val_set = ImageFolderSplit(root, "val", train=False, crop_pct=crop_pct, **common)
-    if train_set.classes != val_set.classes:
-        raise FileNotFoundError(f"data.root: {root}/train and {root}/val have different class folders: "
-                                f"{set(train_set.classes) ^ set(val_set.classes)} are in only one of them")
-    train_sampler = ShardSampler(len(train_set), rank, world_size, shuffle=True, seed=seed, drop_last_to=batch_size)
-    val_sampler = ShardSampler(len(val_set), rank, world_size, shuffle=False)
-    # Each rank's workers draw augmentation randomness from a generator seeded by (seed, rank).
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-    opts = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-    train = DataLoader(train_set, batch_size, sampler=train_sampler, drop_last=True, generator=gen, **opts)
-    val = DataLoader(val_set, batch_size, sampler=val_sampler, **opts)
-    return train, val
+class FolderSource:
+    """uint8 batches for one split of an ImageNet-layout tree, sharded for this rank."""
+
+    def __init__(self, samples, rank: int, world_size: int, batch_size: int, train: bool, workers: int,
+                 seed: int, **dataset_args) -> None:
+        self.dataset = ImageFolderSplit(samples, train=train, seed=seed, **dataset_args)
+        n = len(samples)
+        order_fn = (lambda epoch: train_shard(n, rank, world_size, batch_size, seed, epoch)) if train else \
+                   (lambda epoch: val_shard(n, rank, world_size))
+        self.sampler = _PositionedBatches(order_fn, batch_size)
+        self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
+                                 pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                                 prefetch_factor=4 if workers else None)
+        self.batches_per_epoch = -(-len(order_fn(0)) // batch_size)
+
+    def batches(self, epoch: int, start_step: int):
+        self.sampler.epoch, self.sampler.start = epoch, start_step
+        return iter(self.loader)

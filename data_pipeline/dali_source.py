@@ -1,0 +1,113 @@
+"""DALI backend: nvJPEG decode on the GPU ("mixed"), or DALI's CPU-only mode without a GPU.
+
+The reader shards by GLOBAL rank (shard_id = rank, num_shards = world size): with the local
+rank, multi-node runs would silently read one node's shards only. The file order of each epoch
+comes from data_pipeline/sharding.py, handed to the reader as an explicit list, so every epoch
+is reshuffled from the run's seed and a run can be positioned at any (epoch, step). Crop, flip
+and RandAugment/AutoAugment (nvidia.dali.auto_aug) run inside DALI, seeded per (epoch, start
+step); DALI's RandAugment has a fixed magnitude (no `mstd` noise).
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import numpy as np
+import torch
+
+from .folder import check_same_classes, scan_split
+from .sharding import batch_seed, epoch_permutation, val_shard
+
+
+def _parse_rand_augment(spec: str) -> tuple[int, int]:
+    n = re.search(r"-n(\d+)", spec)
+    m = re.search(r"-m(\d+)", spec)
+    return int(n.group(1)) if n else 2, round(float(m.group(1))) if m else 9
+
+
+class DaliSource:
+    def __init__(self, root: str, split: str, rank: int, world_size: int, batch_size: int, train: bool,
+                 workers: int, seed: int, img_size: int, device: torch.device, num_classes: int, mean, std, *,
+                 interpolation: str = "bicubic", scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5,
+                 auto_augment: str = "none", crop_pct: float = 0.875) -> None:
+        samples, classes = scan_split(root, split)
+        other, other_classes = scan_split(root, "val" if split == "train" else "train")
+        check_same_classes(root, classes if split == "train" else other_classes,
+                           other_classes if split == "train" else classes)
+        if len(classes) != num_classes:
+            raise ValueError(f"data.root {root} has {len(classes)} classes but model.num_classes={num_classes}")
+        self.files = [p for p, _ in samples]
+        self.labels = np.array([label for _, label in samples], dtype=np.int32)
+        self.rank, self.world_size, self.batch_size, self.train = rank, world_size, batch_size, train
+        self.threads, self.seed, self.device = max(1, workers), seed, device
+        self.opts = dict(img_size=img_size, mean=[255 * m for m in mean], std=[255 * s for s in std],
+                         interp=interpolation, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
+                         auto_augment=auto_augment, crop_pct=crop_pct)
+        n = len(samples)
+        self.per_rank = (n // (world_size * batch_size)) * batch_size if train else len(val_shard(n, rank, world_size))
+        if train and self.per_rank == 0:
+            raise ValueError(f"{n} images in {root}/{split} cannot fill a batch of {batch_size} on {world_size} ranks")
+        self.batches_per_epoch = -(-self.per_rank // batch_size)
+
+    def _epoch_files(self, epoch: int, start_step: int) -> tuple[list[str], list[int]]:
+        """The global file list for the reader: rank blocks, each from the start step on."""
+        if not self.train:
+            return self.files, self.labels.tolist()
+        perm = epoch_permutation(len(self.files), self.seed, epoch)
+        skip = start_step * self.batch_size
+        order = np.concatenate([perm[r * self.per_rank + skip:(r + 1) * self.per_rank]
+                                for r in range(self.world_size)])
+        return [self.files[i] for i in order], self.labels[order].tolist()
+
+    def _pipeline(self, files: list[str], labels: list[int], seed: int):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.auto_aug import auto_augment, rand_augment
+
+        o, gpu = self.opts, self.device.type == "cuda"
+        size = o["img_size"]
+        interp = types.INTERP_CUBIC if o["interp"] == "bicubic" else types.INTERP_LINEAR
+
+        @pipeline_def(enable_conditionals=True)
+        def pipe():
+            jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=self.rank,
+                                           num_shards=self.world_size, random_shuffle=False,
+                                           pad_last_batch=not self.train, name="reader")
+            decode_device = "mixed" if gpu else "cpu"
+            if self.train:
+                images = fn.decoders.image_random_crop(
+                    jpegs, device=decode_device, output_type=types.RGB, random_area=list(o["scale"]),
+                    random_aspect_ratio=list(o["ratio"]), num_attempts=10)
+                images = fn.resize(images, size=[size, size], interp_type=interp, antialias=False)
+                aa = o["auto_augment"]
+                if aa == "autoaug-imagenet":
+                    images = auto_augment.auto_augment_image_net(images, shape=[size, size])
+                elif aa.startswith("rand"):
+                    n, m = _parse_rand_augment(aa)
+                    images = rand_augment.rand_augment(images, n=n, m=m, num_magnitude_bins=11, shape=[size, size])
+                mirror = fn.random.coin_flip(probability=o["hflip"]) if o["hflip"] else 0
+                images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                                  mean=o["mean"], std=o["std"], mirror=mirror)
+            else:
+                images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+                images = fn.resize(images, resize_shorter=math.floor(size / o["crop_pct"]), interp_type=interp)
+                images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=[size, size],
+                                                  mean=o["mean"], std=o["std"])
+            return images, label
+
+        return pipe(batch_size=self.batch_size, num_threads=self.threads,
+                    device_id=self.device.index or 0 if gpu else None, seed=seed,
+                    prefetch_queue_depth=2)
+
+    def batches(self, epoch: int, start_step: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        files, labels = self._epoch_files(epoch, start_step)
+        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        with warnings.catch_warnings():  # nvidia.dali.auto_aug calls its own deprecated fn.experimental aliases
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pipe = self._pipeline(files, labels, batch_seed(self.seed, self.rank, epoch, start_step) % 2 ** 31)
+            it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
+                                     auto_reset=False)
+        for out in it:
+            yield out[0]["images"], out[0]["labels"].view(-1).long()

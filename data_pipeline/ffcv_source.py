@@ -1,0 +1,74 @@
+"""FFCV backend: reads the .beton files written by `launch/prepare_data.py ffcv`.
+
+FFCV decodes JPEG, random-resized-crops and flips in its compiled (numba) pipeline; the batches
+come out as uint8 NCHW on the training device and go through the shared on-device stage
+(RandAugment/AutoAugment, normalisation, erasing, Mixup/CutMix), since FFCV has no RandAugment.
+Order and sharding are ours (data_pipeline/sharding.py), so a run can be positioned at any
+(epoch, step); FFCV's own crop/flip randomness is not seedable per sample.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def beton_path(root: str | Path, split: str) -> Path:
+    return Path(root) / f"{split}.beton"
+
+
+class _Order:
+    """Stands in for FFCV's TraversalOrder: the indices to read for an epoch, from a start step."""
+
+    def __init__(self, order_fn, batch_size: int) -> None:
+        self.order_fn, self.batch_size, self.start = order_fn, batch_size, 0
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.order_fn(epoch)[self.start * self.batch_size:].astype(np.uint64)
+
+
+class FfcvSource:
+    def __init__(self, root: str, split: str, rank: int, world_size: int, batch_size: int, train: bool,
+                 workers: int, seed: int, img_size: int, device: torch.device, num_classes: int, *,
+                 scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875) -> None:
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.reader import Reader
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        from .sharding import train_shard, val_shard
+
+        path = beton_path(root, split)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.root: {path} does not exist; write it with "
+                                    f"`python launch/prepare_data.py ffcv --root <imagenet tree> --out {root}`")
+        reader = Reader(str(path))
+        n = reader.num_samples
+        labels = reader.metadata["f1"]
+        if n and int(labels.max()) >= num_classes:
+            raise ValueError(f"{path} has labels up to {int(labels.max())} but model.num_classes={num_classes}")
+        if train:
+            decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(scale), ratio=tuple(ratio))
+            image_ops = [decoder] + ([RandomHorizontalFlip(hflip)] if hflip else [])
+            order_fn = lambda epoch: train_shard(n, rank, world_size, batch_size, seed, epoch)
+        else:
+            image_ops = [CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_pct)]
+            order_fn = lambda epoch: val_shard(n, rank, world_size)
+        image_ops.append(ToTensor())
+        label_ops = [IntDecoder(), ToTensor(), Squeeze()]
+        if device.type == "cuda":
+            image_ops.append(ToDevice(device, non_blocking=True))
+            label_ops.append(ToDevice(device, non_blocking=True))
+        image_ops.append(ToTorchImage(channels_last=False))
+        self.loader = Loader(str(path), batch_size=batch_size, num_workers=max(1, workers),
+                             order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True,
+                             pipelines={"image": image_ops, "label": label_ops})
+        self.order = _Order(order_fn, batch_size)
+        self.loader.traversal_order = self.order
+        self.batches_per_epoch = -(-len(order_fn(0)) // batch_size)
+
+    def batches(self, epoch: int, start_step: int):
+        self.order.start = start_step
+        self.loader.next_epoch = epoch
+        return iter(self.loader)
