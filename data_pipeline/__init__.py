@@ -15,14 +15,11 @@ import torch
 
 from models import model_info
 
-from .datasets import write_digits
+from .errors import DataError
+from .prepare import write_digits
 from .sharding import batch_seed
 
 __all__ = ["DataError", "Loader", "build_loaders", "write_digits"]
-
-
-class DataError(ValueError):
-    """The configured data cannot be used; the message names the path or key and what is wrong."""
 
 
 Stage = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -32,8 +29,10 @@ class Loader:
     """The common face of every backend. `source.batches(epoch, start_step)` yields the backend's
     batches; the on-device `stage` turns them into model inputs, seeded per (seed, rank, epoch, step)."""
 
-    def __init__(self, source, stage: Stage, device: torch.device, seed: int, rank: int) -> None:
+    def __init__(self, source, stage: Stage, device: torch.device, seed: int, rank: int,
+                 mixup_until_epoch: int | None = None) -> None:
         self.source, self.stage, self.device, self.seed, self.rank = source, stage, device, seed, rank
+        self.mixup_until_epoch = mixup_until_epoch  # timm's mixup_off_epoch, as the first epoch without
         self.epoch, self.step = 0, 0
 
     def __len__(self) -> int:
@@ -47,6 +46,8 @@ class Loader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, step = self.epoch, self.step
+        if self.mixup_until_epoch is not None:
+            self.stage.set_mixup_enabled(epoch < self.mixup_until_epoch)
         for images, labels in self.source.batches(epoch, step):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -66,15 +67,18 @@ def _val_stage(mean, std, device) -> Stage:
     return lambda images, labels, seed: (normalize(images), labels)
 
 
-def _train_stage(cfg, mean, std, device, normalized_input: bool) -> Stage:
+def _train_stage(cfg, mean, std, device, normalized_input: bool, augment: bool) -> Stage:
+    """The shared on-device stage. DALI normalises and auto-augments inside its own pipeline;
+    the synthetic backend measures model speed, so it gets no augmentation at all."""
     from .augment import DeviceAugment
 
     a = cfg.aug
-    return DeviceAugment(auto_augment="none" if normalized_input else a.auto_augment, mean=mean, std=std,
-                         normalize=not normalized_input, reprob=a.reprob, remode=a.remode, recount=a.recount,
-                         mixup=a.mixup, cutmix=a.cutmix, mixup_prob=a.mixup_prob,
-                         switch_prob=a.mixup_switch_prob, smoothing=a.smoothing,
-                         num_classes=cfg.model.num_classes, device=device)
+    knobs = dict(auto_augment="none" if normalized_input else a.auto_augment, reprob=a.reprob, remode=a.remode,
+                 recount=a.recount, mixup=a.mixup, cutmix=a.cutmix, mixup_prob=a.mixup_prob)
+    if not augment:
+        knobs.update(auto_augment="none", reprob=0.0, mixup=0.0, cutmix=0.0)
+    return DeviceAugment(mean=mean, std=std, normalize=not normalized_input, switch_prob=a.mixup_switch_prob,
+                         smoothing=a.smoothing, num_classes=cfg.model.num_classes, device=device, **knobs)
 
 
 def default_device() -> torch.device:
@@ -134,6 +138,8 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         raise DataError(f"data.backend={d.backend!r}: expected dali, ffcv, folder or synthetic")
     val_stage = (lambda images, labels, seed: (images, labels)) if normalized else \
         _val_stage(info.mean, info.std, device)
-    train = Loader(train_src, _train_stage(cfg, info.mean, info.std, device, normalized), device, seed, rank)
+    mixup_until = cfg.train.epochs - cfg.aug.mixup_off_epoch if cfg.aug.mixup_off_epoch else None
+    train = Loader(train_src, _train_stage(cfg, info.mean, info.std, device, normalized, augment=d.backend != "synthetic"), device, seed, rank,
+                   mixup_until)
     val = Loader(val_src, val_stage, device, seed, rank)
     return train, val

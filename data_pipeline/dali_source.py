@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import numpy as np
 import torch
+
+from .errors import DataError
 
 from .folder import check_same_classes, scan_split
 from .sharding import batch_seed, epoch_permutation, val_shard
@@ -36,7 +37,7 @@ class DaliSource:
         check_same_classes(root, classes if split == "train" else other_classes,
                            other_classes if split == "train" else classes)
         if len(classes) != num_classes:
-            raise ValueError(f"data.root {root} has {len(classes)} classes but model.num_classes={num_classes}")
+            raise DataError(f"data.root {root} has {len(classes)} classes but model.num_classes={num_classes}")
         self.files = [p for p, _ in samples]
         self.labels = np.array([label for _, label in samples], dtype=np.int32)
         self.rank, self.world_size, self.batch_size, self.train = rank, world_size, batch_size, train
@@ -47,7 +48,7 @@ class DaliSource:
         n = len(samples)
         self.per_rank = (n // (world_size * batch_size)) * batch_size if train else len(val_shard(n, rank, world_size))
         if train and self.per_rank == 0:
-            raise ValueError(f"{n} images in {root}/{split} cannot fill a batch of {batch_size} on {world_size} ranks")
+            raise DataError(f"{n} images in {root}/{split} cannot fill a batch of {batch_size} on {world_size} ranks")
         self.batches_per_epoch = -(-self.per_rank // batch_size)
 
     def _epoch_files(self, epoch: int, start_step: int) -> tuple[list[str], list[int]]:
@@ -104,10 +105,8 @@ class DaliSource:
 
         files, labels = self._epoch_files(epoch, start_step)
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        with warnings.catch_warnings():  # nvidia.dali.auto_aug calls its own deprecated fn.experimental aliases
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pipe = self._pipeline(files, labels, batch_seed(self.seed, self.rank, epoch, start_step) % 2 ** 31)
-            it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
-                                     auto_reset=False)
+        pipe = self._pipeline(files, labels, batch_seed(self.seed, self.rank, epoch, start_step) % 2 ** 31)
+        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
+                                 auto_reset=False)
         for out in it:
             yield out[0]["images"], out[0]["labels"].view(-1).long()

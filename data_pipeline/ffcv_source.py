@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
+
 
 def beton_path(root: str | Path, split: str) -> Path:
     return Path(root) / f"{split}.beton"
@@ -47,7 +49,7 @@ class FfcvSource:
         n = reader.num_samples
         labels = reader.metadata["f1"]
         if n and int(labels.max()) >= num_classes:
-            raise ValueError(f"{path} has labels up to {int(labels.max())} but model.num_classes={num_classes}")
+            raise DataError(f"{path} has labels up to {int(labels.max())} but model.num_classes={num_classes}")
         if train:
             decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(scale), ratio=tuple(ratio))
             image_ops = [decoder] + ([RandomHorizontalFlip(hflip)] if hflip else [])

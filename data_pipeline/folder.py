@@ -26,9 +26,9 @@ def filelist_path(root: str | Path, split: str) -> Path:
     return Path(root) / f"{split}_filelist.txt"
 
 
-def scan_split(root: str | Path, split: str) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_split(root: str | Path, split: str, use_filelist: bool = True) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) for every image of ROOT/split/<class>/; class index = sorted folder order.
-    Uses the verified file list from prepare_data when there is one."""
+    Uses the verified file list from prepare_data when there is one (and use_filelist)."""
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(f"data.root: {folder} does not exist (expected ROOT/{split}/<class>/*.JPEG)")
@@ -36,7 +36,7 @@ def scan_split(root: str | Path, split: str) -> tuple[list[tuple[str, int]], lis
     if not classes:
         raise FileNotFoundError(f"data.root: {folder} has no class folders (expected {folder}/<class>/*.JPEG)")
     listed = filelist_path(root, split)
-    if listed.is_file():
+    if use_filelist and listed.is_file():
         samples = []
         for line in listed.read_text().splitlines():
             rel, label = line.rsplit(" ", 1)

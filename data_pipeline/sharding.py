@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import DataError
+
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -19,7 +21,7 @@ def train_shard(n: int, rank: int, world_size: int, batch_size: int, seed: int, 
     """This rank's sample indices for `epoch`, in reading order."""
     per_rank = (n // (world_size * batch_size)) * batch_size
     if per_rank == 0:
-        raise ValueError(f"{n} training samples cannot fill one batch of {batch_size} on each of "
+        raise DataError(f"{n} training samples cannot fill one batch of {batch_size} on each of "
                          f"{world_size} ranks")
     return epoch_permutation(n, seed, epoch)[rank * per_rank:(rank + 1) * per_rank]
 

@@ -47,8 +47,8 @@ def test_same_seed_same_losses(tmp_path, digits_root):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("aug.mixup=0.8", "does not implement aug.mixup=0.8 yet"),
-    ("data.backend=dali", "data.backend=dali is not available yet"),
+    ("train.model_ema=true", "does not implement train.model_ema=true yet"),
+    ("data.backend=ffcv", "digits/train.beton does not exist"),
     ("data.root=/nonexistent/digits", "/nonexistent/digits/train does not exist"),
 ])
 def test_unrunnable_settings_fail_early_and_create_nothing(tmp_path, override, message):
@@ -56,6 +56,13 @@ def test_unrunnable_settings_fail_early_and_create_nothing(tmp_path, override, m
                         cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_large_batch_fails_early(tmp_path, digits_root):
+    result = run_script(TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", "train.batch_size=2000",
+                        f"train.output_dir={tmp_path}/runs", cwd=tmp_path)
+    assert result.returncode == 2 and "1442 training samples cannot fill one batch of 2000" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 

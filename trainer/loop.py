@@ -1,15 +1,14 @@
 """The training loop: plain PyTorch (DDP over gloo on CPU, NCCL on GPU), one process per device.
 
-This is the foundation's loop: AdamW, per-step warmup + cosine, label smoothing, top-1/top-5
-evaluation every epoch. It refuses recipe features it does not implement yet (Mixup/CutMix,
-RandAugment, random erasing, EMA) instead of silently ignoring them.
+AdamW, per-step warmup + cosine, soft-target cross-entropy (the data pipeline folds label
+smoothing and Mixup/CutMix into the targets), top-1/top-5 evaluation every epoch. It refuses
+recipe features it does not implement yet (EMA) instead of silently ignoring them.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline import build_loaders
+from data_pipeline.augment import SoftTargetCrossEntropy
 from models import create_model
 
 from .config import ConfigError, RunConfig, plan_batch, resolved
@@ -50,13 +50,7 @@ def init_distributed() -> DistEnv:
 
 
 def unsupported_features(cfg: RunConfig) -> list[str]:
-    a = cfg.aug
-    found = [f"aug.{k}={getattr(a, k)}" for k in ("mixup", "cutmix", "reprob") if getattr(a, k) > 0]
-    if a.auto_augment != "none":
-        found.append(f"aug.auto_augment={a.auto_augment}")
-    if cfg.train.model_ema:
-        found.append("train.model_ema=true")
-    return found
+    return ["train.model_ema=true"] if cfg.train.model_ema else []
 
 
 def seed_everything(seed: int) -> None:
@@ -107,7 +101,7 @@ def train(cfg: RunConfig) -> float:
     model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.model.img_size,
                          drop_path=cfg.model.drop_path).to(env.device)
     optimizer = build_optimizer(cfg, model, plan.lr)
-    train_loader, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device, plan.batch_size)
+    train_loader, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device)
     run_dir = make_run_dir(cfg, env)
     ddp_model = nn.parallel.DistributedDataParallel(model) if env.world_size > 1 else model
 
@@ -120,7 +114,7 @@ def train(cfg: RunConfig) -> float:
                  cooldown_steps=round(cfg.schedule.cooldown_epochs * steps_per_epoch))
     bf16 = cfg.deepspeed.bf16
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.aug.smoothing)
+    loss_fn = SoftTargetCrossEntropy()
     log = print if env.rank == 0 else (lambda *a, **k: None)
     log(f"[plan] {cfg.model.name}: world size {env.world_size}, batch {plan.batch_size}/rank x accum "
         f"{plan.grad_accum} = global {plan.global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps; "
@@ -130,11 +124,10 @@ def train(cfg: RunConfig) -> float:
     running = torch.zeros((), device=env.device)
     t0 = time.perf_counter()
     for epoch in range(cfg.train.epochs):
-        if hasattr(train_loader, "sampler"):
-            train_loader.sampler.set_epoch(epoch)
-        for i, (images, labels) in enumerate(train_loader):
+        train_loader.set_position(epoch)
+        for i, (images, targets) in enumerate(train_loader):
             with autocast():
-                loss = loss_fn(ddp_model(images), labels) / plan.grad_accum
+                loss = loss_fn(ddp_model(images), targets) / plan.grad_accum
             loss.backward()
             running += loss.detach()
             if (i + 1) % plan.grad_accum:

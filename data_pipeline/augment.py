@@ -1,0 +1,568 @@
+"""On-device training augmentation shared by the folder, FFCV and synthetic backends.
+
+    aug = DeviceAugment(auto_augment="rand-m9-mstd0.5-inc1", mean=mean, std=std, num_classes=1000)
+    images, targets = aug(images_uint8, labels, seed)  # normalised float (B,3,H,W), soft targets (B,C)
+
+timm's RandAugment / AutoAugment / RandomErasing / Mixup semantics, but per batch on the device:
+every random choice is drawn on the host from one CPU `torch.Generator` (deterministic, resumable,
+no device->host sync) and each op runs once per batch on the samples that drew it (index_select /
+index_copy_). Pixel ops follow Pillow bit for bit where cheap (blends, filters and bilinear warps
+truncate to uint8, as Pillow does).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_FILL = (124, 116, 104)  # timm's img_mean fill: round(255 * IMAGENET_DEFAULT_MEAN)
+_LEVEL_DENOM = 10.0
+
+
+# ----------------------------------------------------------------------------- pixel ops
+# Each op maps (x uint8 (b,3,H,W), arg (b,) float32, fill (1,3,1,1) float32) -> uint8 (b,3,H,W).
+
+def _gray(x: Tensor) -> Tensor:
+    """Pillow's RGB->L (ITU-R 601-2, fixed point with rounding), int32 (b,1,H,W)."""
+    r, g, b = x.int().unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).unsqueeze(1)
+
+
+def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
+    """Pillow's Image.blend(degenerate, x, factor): float32 math, clip, truncate."""
+    d = degenerate.float()
+    return (d + factor.view(-1, 1, 1, 1) * (x.float() - d)).clamp_(0, 255).floor_().to(torch.uint8)
+
+
+def _apply_lut(x: Tensor, lut: Tensor) -> Tensor:
+    """Per-(sample, channel) 256-entry lookup tables (b,3,256) applied with one gather."""
+    b, c, h, w = x.shape
+    return lut.clamp(0, 255).to(torch.uint8).gather(2, x.reshape(b, c, h * w).long()).view(b, c, h, w)
+
+
+def _auto_contrast(x: Tensor, _v: Tensor, _fill: Tensor) -> Tensor:
+    lo = x.amin(dim=(2, 3)).double().unsqueeze(2)
+    hi = x.amax(dim=(2, 3)).double().unsqueeze(2)
+    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp(min=1)  # not 255.0 / t: that is 255 * (1 / t)
+    ramp = torch.arange(256, device=x.device, dtype=torch.float64)
+    lut = torch.where(hi > lo, (ramp * scale - lo * scale).trunc(), ramp)
+    return _apply_lut(x, lut)
+
+
+def _equalize(x: Tensor, _v: Tensor, _fill: Tensor) -> Tensor:
+    """ImageOps.equalize per (sample, channel): histograms by scatter_add, LUT by cumsum."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b * c, h * w).long()
+    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
+    present = hist > 0
+    last = (present * torch.arange(256, device=x.device)).amax(1, keepdim=True)
+    step = (h * w - hist.gather(1, last)) // 255
+    before = hist.cumsum(1) - hist  # pixels strictly below each level
+    lut = (step // 2 + before) // step.clamp(min=1)
+    keep = (present.sum(1, keepdim=True) <= 1) | (step == 0)
+    lut = torch.where(keep, torch.arange(256, device=x.device), lut)
+    return _apply_lut(x, lut.view(b, c, 256))
+
+
+def _invert(x: Tensor, _v: Tensor, _fill: Tensor) -> Tensor:
+    return 255 - x
+
+
+def _posterize(x: Tensor, bits: Tensor, _fill: Tensor) -> Tensor:
+    # 0 bits gives black, as with the Pillow timm was written against (Pillow >= 10 refuses 0).
+    mask = (256 - torch.pow(2.0, 8 - bits.clamp(0, 8))).to(torch.uint8)
+    return x & mask.view(-1, 1, 1, 1)
+
+
+def _solarize(x: Tensor, thresh: Tensor, _fill: Tensor) -> Tensor:
+    return torch.where(x >= thresh.view(-1, 1, 1, 1), 255 - x, x)
+
+
+def _solarize_add(x: Tensor, add: Tensor, _fill: Tensor) -> Tensor:
+    added = (x.float() + add.view(-1, 1, 1, 1)).clamp_(max=255).to(torch.uint8)
+    return torch.where(x < 128, added, x)
+
+
+def _color(x: Tensor, f: Tensor, _fill: Tensor) -> Tensor:
+    return _blend(_gray(x).expand_as(x), x, f)
+
+
+def _contrast(x: Tensor, f: Tensor, _fill: Tensor) -> Tensor:
+    gray = _gray(x)
+    mean = (gray.sum(dim=(1, 2, 3)).double() / gray[0].numel() + 0.5).floor()
+    return _blend(mean.view(-1, 1, 1, 1).expand_as(x), x, f)
+
+
+def _brightness(x: Tensor, f: Tensor, _fill: Tensor) -> Tensor:
+    return _blend(torch.zeros_like(x), x, f)
+
+
+def _sharpness(x: Tensor, f: Tensor, _fill: Tensor) -> Tensor:
+    """Blend with ImageFilter.SMOOTH (rounded; the 1-pixel border is left unchanged, as in Pillow)."""
+    kernel = torch.ones(3, 1, 3, 3, device=x.device)
+    kernel[:, :, 1, 1] = 5.0  # ImageFilter.SMOOTH: [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13
+    smooth = x.float()
+    smooth[:, :, 1:-1, 1:-1] = (F.conv2d(smooth, kernel / 13, groups=3) + 0.5).floor_().clamp_(0, 255)
+    return _blend(smooth, x, f)
+
+
+def _affine(like: Tensor, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> Tensor:
+    """(n,2,3) matrices [[a, b, c], [d, e, f]]; each entry a number or an (n,) tensor like `like`."""
+    entries = [v if isinstance(v, Tensor) else torch.full_like(like, v) for v in (a, b, c, d, e, f)]
+    return torch.stack(entries, -1).view(-1, 2, 3)
+
+
+def _warp(x: Tensor, m: Tensor, fill: Tensor) -> Tensor:
+    """Pillow's Image.transform(AFFINE, BILINEAR, fillcolor): `m` (b,2,3) maps output pixel
+    coordinates to input ones (pixel centres at i + 0.5); a sample outside the input -> fill."""
+    b, _, h, w = x.shape
+    (a, bb, c), (d, e, f) = (row.unbind(-1) for row in m.unbind(1))
+    r = h / w  # the same map in affine_grid's normalised coordinates (u = 2 x / w - 1)
+    theta = _affine(a, a, bb * r, a + bb * r + 2 * c / w - 1, d / r, e, d / r + e + 2 * f / h - 1)
+    grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = ((grid >= -1) & (grid < 1)).all(-1).unsqueeze(1)
+    return torch.where(inside, out, fill).floor_().to(torch.uint8)
+
+
+def _shear_x(x: Tensor, v: Tensor, fill: Tensor) -> Tensor:
+    return _warp(x, _affine(v, b=v), fill)
+
+
+def _shear_y(x: Tensor, v: Tensor, fill: Tensor) -> Tensor:
+    return _warp(x, _affine(v, d=v), fill)
+
+
+def _translate_x(x: Tensor, pct: Tensor, fill: Tensor) -> Tensor:
+    return _warp(x, _affine(pct, c=pct * x.shape[3]), fill)
+
+
+def _translate_y(x: Tensor, pct: Tensor, fill: Tensor) -> Tensor:
+    return _warp(x, _affine(pct, f=pct * x.shape[2]), fill)
+
+
+def _rotate(x: Tensor, degrees: Tensor, fill: Tensor) -> Tensor:
+    """Image.rotate(degrees): counter-clockwise about the centre (w/2, h/2)."""
+    cx, cy = x.shape[3] / 2, x.shape[2] / 2
+    t = torch.deg2rad(-degrees)
+    cos, sin = torch.cos(t), torch.sin(t)
+    return _warp(x, _affine(t, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy), fill)
+
+
+# ----------------------------------------------------------------------------- magnitudes
+# timm's level -> argument rules, on the host in float64: (magnitude (b,), sign (b,) of +-1) -> arg (b,).
+
+def _frac(m: Tensor) -> Tensor:
+    return m / _LEVEL_DENOM
+
+
+_LEVELS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "rotate": lambda m, s: _frac(m) * 30.0 * s,
+    "enhance": lambda m, s: _frac(m) * 1.8 + 0.1,
+    "enhance_inc": lambda m, s: (1.0 + _frac(m) * 0.9 * s).clamp(min=0.1),
+    "shear": lambda m, s: _frac(m) * 0.3 * s,
+    "translate": lambda m, s: _frac(m) * 0.45 * s,
+    "posterize": lambda m, s: (_frac(m) * 4).floor(),
+    "posterize_inc": lambda m, s: 4 - (_frac(m) * 4).floor(),
+    "posterize_orig": lambda m, s: (_frac(m) * 4).floor() + 4,
+    "solarize": lambda m, s: (_frac(m) * 256).floor(),
+    "solarize_inc": lambda m, s: 256 - (_frac(m) * 256).floor(),
+    "solarize_add": lambda m, s: (_frac(m) * 110).floor(),
+    "none": lambda m, s: torch.zeros_like(m),
+}
+
+OPS: dict[str, tuple[Callable[[Tensor, Tensor, Tensor], Tensor], str]] = {
+    "AutoContrast": (_auto_contrast, "none"), "Equalize": (_equalize, "none"), "Invert": (_invert, "none"),
+    "Rotate": (_rotate, "rotate"),
+    "Posterize": (_posterize, "posterize"), "PosterizeIncreasing": (_posterize, "posterize_inc"),
+    "PosterizeOriginal": (_posterize, "posterize_orig"),
+    "Solarize": (_solarize, "solarize"), "SolarizeIncreasing": (_solarize, "solarize_inc"),
+    "SolarizeAdd": (_solarize_add, "solarize_add"),
+    "Color": (_color, "enhance"), "ColorIncreasing": (_color, "enhance_inc"),
+    "Contrast": (_contrast, "enhance"), "ContrastIncreasing": (_contrast, "enhance_inc"),
+    "Brightness": (_brightness, "enhance"), "BrightnessIncreasing": (_brightness, "enhance_inc"),
+    "Sharpness": (_sharpness, "enhance"), "SharpnessIncreasing": (_sharpness, "enhance_inc"),
+    "ShearX": (_shear_x, "shear"), "ShearY": (_shear_y, "shear"),
+    "TranslateXRel": (_translate_x, "translate"), "TranslateYRel": (_translate_y, "translate"),
+}
+
+RAND_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+                   "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
+                   "TranslateYRel")
+RAND_INCREASING_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                              "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                              "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+                              "TranslateXRel", "TranslateYRel")
+# timm's _RAND_CHOICE_WEIGHTS_0 ('w0'), by position in the op list as timm applies them.
+_RAND_WEIGHTS_0 = (0.025, 0.005, 0.0, 0.3, 0.0, 0.005, 0.005, 0.025, 0.005, 0.005, 0.025, 0.2, 0.2, 0.1, 0.1)
+
+# timm's auto_augment_policy_original (the AutoAugment paper's ImageNet policy): (op, prob, magnitude).
+AUTOAUG_IMAGENET = (
+    (("PosterizeOriginal", 0.4, 8), ("Rotate", 0.6, 9)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
+    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)), (("PosterizeOriginal", 0.6, 7), ("PosterizeOriginal", 0.6, 6)),
+    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)), (("Equalize", 0.4, 4), ("Rotate", 0.8, 8)),
+    (("Solarize", 0.6, 3), ("Equalize", 0.6, 7)), (("PosterizeOriginal", 0.8, 5), ("Equalize", 1.0, 2)),
+    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)), (("Equalize", 0.6, 8), ("PosterizeOriginal", 0.4, 6)),
+    (("Rotate", 0.8, 8), ("Color", 0.4, 0)), (("Rotate", 0.4, 9), ("Equalize", 0.6, 2)),
+    (("Equalize", 0.0, 7), ("Equalize", 0.8, 8)), (("Invert", 0.6, 4), ("Equalize", 1.0, 8)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)), (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+    (("Color", 0.8, 8), ("Solarize", 0.8, 7)), (("Sharpness", 0.4, 7), ("Invert", 0.6, 8)),
+    (("ShearX", 0.6, 5), ("Equalize", 1.0, 9)), (("Color", 0.4, 0), ("Equalize", 0.6, 3)),
+    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
+    (("Invert", 0.6, 4), ("Equalize", 1.0, 8)), (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)),
+)
+
+
+def _to(t: Tensor, device: torch.device) -> Tensor:
+    """Host -> device without a sync (a blocking copy would wait for all queued GPU work)."""
+    return t.to(device, non_blocking=True)
+
+
+def _fill(fill: Sequence[int]) -> Tensor:
+    return torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def _check_uint8(images: Tensor) -> None:
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+
+
+def apply_op(images: Tensor, name: str, magnitude: float | Tensor, sign: float | Tensor = 1.0,
+             fill: Sequence[int] = IMAGENET_FILL) -> Tensor:
+    """One op at a fixed magnitude (0..10, timm scale) on every sample: for tests and inspection."""
+    _check_uint8(images)
+    fn, level = OPS[name]
+    b = images.shape[0]
+    arg = _LEVELS[level](torch.as_tensor(magnitude, dtype=torch.float64).expand(b),
+                         torch.as_tensor(sign, dtype=torch.float64).expand(b))
+    return fn(images, _to(arg.float(), images.device), _to(_fill(fill), images.device))
+
+
+# ----------------------------------------------------------------------------- policies
+
+@dataclass
+class OpLayer:
+    """One op slot for every sample of a batch, drawn on the host."""
+    op: Tensor         # (B,) int64: index into the policy's op names
+    apply: Tensor      # (B,) bool
+    magnitude: Tensor  # (B,) float64, after noise and clipping
+    sign: Tensor       # (B,) float64, +-1: timm's random negation of signed arguments
+
+
+class PerSampleOps:
+    """Shared engine: `sample` draws a plan on the host, `apply` runs each op once per layer on
+    the samples that drew it."""
+    names: tuple[str, ...]
+
+    def __init__(self, generator: torch.Generator, fill: Sequence[int]) -> None:
+        self.generator, self.fill = generator, tuple(fill)
+
+    def sample(self, batch: int) -> list[OpLayer]:
+        raise NotImplementedError
+
+    def _sign(self, batch: int) -> Tensor:
+        return torch.where(torch.rand(batch, generator=self.generator, dtype=torch.float64) > 0.5, -1.0, 1.0)
+
+    def apply(self, images: Tensor, plan: list[OpLayer]) -> Tensor:
+        _check_uint8(images)
+        x, dev = images.clone(), images.device
+        fill = _to(_fill(self.fill), dev)
+        for layer in plan:
+            for k, name in enumerate(self.names):
+                idx = torch.nonzero(layer.apply & (layer.op == k)).flatten()  # host tensor: no sync
+                if idx.numel() == 0:
+                    continue
+                fn, level = OPS[name]
+                arg = _LEVELS[level](layer.magnitude[idx], layer.sign[idx])
+                idx_d = _to(idx, dev)
+                x.index_copy_(0, idx_d, fn(x.index_select(0, idx_d), _to(arg.float(), dev), fill))
+        return x
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return self.apply(images, self.sample(images.shape[0]))
+
+
+class RandAugment(PerSampleOps):
+    """timm RandAugment, per sample: `num_ops` ops drawn with replacement (without, weighted, for
+    w0), each applied with prob 0.5 at magnitude ~ N(m, mstd) clipped to [0, mmax]."""
+
+    def __init__(self, generator: torch.Generator, magnitude: float = 9.0, num_ops: int = 2, mstd: float = 0.5,
+                 increasing: bool = True, mmax: float = _LEVEL_DENOM, prob: float = 0.5,
+                 weights: Sequence[float] | None = None, fill: Sequence[int] = IMAGENET_FILL) -> None:
+        super().__init__(generator, fill)
+        self.names = RAND_INCREASING_TRANSFORMS if increasing else RAND_TRANSFORMS
+        self.magnitude, self.num_ops, self.mstd, self.mmax, self.prob = magnitude, num_ops, mstd, mmax, prob
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+
+    @classmethod
+    def from_spec(cls, spec: str, generator: torch.Generator, fill: Sequence[int] = IMAGENET_FILL) -> RandAugment:
+        """Parse timm's 'rand-m9-mstd0.5-inc1' (keys m, n, mstd, inc, mmax, w; defaults m10 n2)."""
+        parts = spec.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"auto_augment '{spec}' is not a RandAugment string like 'rand-m9-mstd0.5-inc1'")
+        kw: dict = dict(magnitude=_LEVEL_DENOM, num_ops=2, mstd=0.0, increasing=False)
+        for part in parts[1:]:
+            match = re.fullmatch(r"(mstd|mmax|inc|m|n|w)(\d+(?:\.\d+)?)", part)
+            if not match:
+                raise ValueError(f"auto_augment '{spec}': cannot parse '{part}'; "
+                                 "expected rand-m<M>[-n<N>][-mstd<S>][-inc<0|1>][-mmax<X>][-w0]")
+            key, val = match.groups()
+            if key == "mstd":
+                kw["mstd"] = math.inf if float(val) > 100 else float(val)  # > 100: uniform in [0, m]
+            elif key == "inc":
+                kw["increasing"] = val not in ("0", "0.0")
+            elif key == "w":
+                if float(val) != 0:
+                    raise ValueError(f"auto_augment '{spec}': only the weight set w0 exists")
+                kw["weights"] = _RAND_WEIGHTS_0
+            else:
+                name = {"m": "magnitude", "n": "num_ops", "mmax": "mmax"}[key]
+                kw[name] = int(float(val)) if key == "n" else float(val)
+        return cls(generator, fill=fill, **kw)
+
+    def sample(self, batch: int) -> list[OpLayer]:
+        g, n, k = self.generator, self.num_ops, len(self.names)
+        if self.weights is None:
+            ops = torch.randint(k, (batch, n), generator=g)
+        else:  # timm draws weighted ops without replacement
+            ops = torch.multinomial(self.weights.expand(batch, k), n, replacement=False, generator=g)
+        plan = []
+        for i in range(n):
+            apply = torch.rand(batch, generator=g, dtype=torch.float64) < self.prob
+            noise = torch.randn(batch, generator=g, dtype=torch.float64)
+            uniform = torch.rand(batch, generator=g, dtype=torch.float64)
+            mag = uniform * self.magnitude if math.isinf(self.mstd) else self.magnitude + self.mstd * noise
+            plan.append(OpLayer(ops[:, i], apply, mag.clamp(0.0, self.mmax), self._sign(batch)))
+        return plan
+
+
+class AutoAugment(PerSampleOps):
+    """The AutoAugment ImageNet policy, per sample: each image draws one of the 25 sub-policies,
+    each of its two ops applied with its own probability at its fixed magnitude."""
+
+    def __init__(self, generator: torch.Generator, policy=AUTOAUG_IMAGENET,
+                 fill: Sequence[int] = IMAGENET_FILL) -> None:
+        super().__init__(generator, fill)
+        self.names = tuple(sorted({op for sub in policy for op, _, _ in sub}))
+        self.op_table = torch.tensor([[self.names.index(op) for op, _, _ in sub] for sub in policy])
+        self.prob_table = torch.tensor([[p for _, p, _ in sub] for sub in policy], dtype=torch.float64)
+        self.mag_table = torch.tensor([[m for _, _, m in sub] for sub in policy], dtype=torch.float64)
+
+    def sample(self, batch: int) -> list[OpLayer]:
+        sub = torch.randint(len(self.op_table), (batch,), generator=self.generator)
+        plan = []
+        for slot in range(self.op_table.shape[1]):
+            apply = torch.rand(batch, generator=self.generator, dtype=torch.float64) < self.prob_table[sub, slot]
+            plan.append(OpLayer(self.op_table[sub, slot], apply, self.mag_table[sub, slot], self._sign(batch)))
+        return plan
+
+
+def build_auto_augment(spec: str, generator: torch.Generator,
+                       fill: Sequence[int] = IMAGENET_FILL) -> PerSampleOps | None:
+    """'none' -> None, 'autoaug-imagenet' -> AutoAugment, 'rand-...' -> RandAugment."""
+    if spec in ("none", ""):
+        return None
+    if spec == "autoaug-imagenet":
+        return AutoAugment(generator, fill=fill)
+    if spec == "rand" or spec.startswith("rand-"):
+        return RandAugment.from_spec(spec, generator, fill=fill)
+    raise ValueError(f"auto_augment '{spec}' is not understood: expected 'none', 'autoaug-imagenet' "
+                     "or a RandAugment string like 'rand-m9-mstd0.5-inc1'")
+
+
+# ----------------------------------------------------------------------------- erasing, mixing
+
+class RandomErasing:
+    """timm RandomErasing on the normalised float batch: per sample with prob p, `count` boxes
+    (1..max_count) of area U(min_area, max_area)/count, log-uniform aspect, first of 10 attempts
+    that fits. Fill: 'pixel' per-pixel N(0,1), 'rand' N(0,1) per channel, 'const' zeros."""
+
+    def __init__(self, probability: float = 0.25, mode: str = "pixel", max_count: int = 1,
+                 min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
+                 generator: torch.Generator | None = None) -> None:
+        if mode not in ("pixel", "rand", "const"):
+            raise ValueError(f"random erasing mode '{mode}': expected 'pixel', 'rand' or 'const'")
+        self.p, self.mode, self.max_count = probability, mode, max_count
+        self.area = (min_area, max_area)
+        self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+        self.generator = generator if generator is not None else torch.Generator()
+
+    def sample(self, batch: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+        """Host plan: boxes (B, max_count, 4) as (top, left, height, width) and active (B, max_count)."""
+        g, r, f64 = self.generator, self.max_count, torch.float64
+        erase = torch.rand(batch, generator=g, dtype=f64) < self.p
+        count = torch.randint(1, r + 1, (batch, 1), generator=g)
+        u = torch.rand(4, batch, r, 10, generator=g, dtype=f64)
+        target = (self.area[0] + (self.area[1] - self.area[0]) * u[0]) * (h * w) / count.unsqueeze(2)
+        aspect = torch.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * u[1])
+        bh, bw = (target * aspect).sqrt().round().long(), (target / aspect).sqrt().round().long()
+        fits = (bw < w) & (bh < h)
+        first = fits.long().argmax(2, keepdim=True)  # first attempt that fits
+        pick = lambda t: t.gather(2, first).squeeze(2)
+        bh, bw = pick(bh), pick(bw)
+        top, left = (pick(u[2]) * (h - bh + 1)).long(), (pick(u[3]) * (w - bw + 1)).long()
+        active = erase.unsqueeze(1) & fits.any(2) & (torch.arange(r) < count)
+        return torch.stack([top, left, bh, bw], 2), active
+
+    def __call__(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        boxes, active = self.sample(b, h, w)
+        seed = int(torch.randint(2**62, (), generator=self.generator))
+        colors = torch.randn(b, self.max_count, c, generator=self.generator)
+        idx = torch.nonzero(active.any(1)).flatten()
+        if idx.numel() == 0:
+            return x
+        dev = x.device
+        idx_d = _to(idx, dev)
+        sel = x.index_select(0, idx_d)
+        box, act, colors = _to(boxes[idx], dev), _to(active[idx], dev), _to(colors[idx], dev)
+        ys = torch.arange(h, device=dev).view(1, h, 1)
+        xs = torch.arange(w, device=dev).view(1, 1, w)
+        # per-pixel noise is drawn on the device, from a generator seeded by the host stream
+        noise_gen = torch.Generator(device=dev).manual_seed(seed) if self.mode == "pixel" else None
+        for i in range(self.max_count):
+            top, left, bh, bw = (box[:, i, j].view(-1, 1, 1) for j in range(4))
+            inside = (ys >= top) & (ys < top + bh) & (xs >= left) & (xs < left + bw) & act[:, i].view(-1, 1, 1)
+            if self.mode == "pixel":
+                fill = torch.randn(sel.shape, generator=noise_gen, device=dev, dtype=x.dtype)
+            elif self.mode == "rand":
+                fill = colors[:, i].to(x.dtype).view(-1, c, 1, 1)
+            else:
+                fill = torch.zeros((), device=dev, dtype=x.dtype)
+            sel = torch.where(inside.unsqueeze(1), fill, sel)
+        return x.index_copy(0, idx_d, sel)
+
+
+def smoothed_one_hot(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """timm's one_hot(on=1 - smoothing + smoothing / C, off=smoothing / C), by scatter (no sync)."""
+    off = smoothing / num_classes
+    y = torch.full((labels.shape[0], num_classes), off, device=labels.device)
+    return y.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
+
+
+class MixupCutmix:
+    """timm Mixup in batch mode: one lambda per batch, mixed with the batch reversed (x.flip(0));
+    targets are label-smoothed one-hots mixed the same way."""
+
+    def __init__(self, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
+                 switch_prob: float = 0.5, label_smoothing: float = 0.1, num_classes: int = 1000,
+                 generator: torch.Generator | None = None) -> None:
+        self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob = mixup_alpha, cutmix_alpha, prob, switch_prob
+        self.smoothing, self.num_classes = label_smoothing, num_classes
+        self.generator = generator if generator is not None else torch.Generator()
+        self.enabled = True  # the trainer turns it off for the last mixup_off_epoch epochs
+
+    @property
+    def active(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def _beta(self, alpha: float) -> float:
+        seed = int(torch.randint(2**62, (), generator=self.generator))
+        return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+    def sample(self, h: int, w: int) -> tuple[float, tuple[int, int, int, int] | None]:
+        """Host draw: (lambda, CutMix box (y0, y1, x0, x1) or None for Mixup/no mixing)."""
+        g = self.generator
+        coin_apply, coin_cut = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        if not (self.enabled and self.active and coin_apply < self.prob):
+            return 1.0, None
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or coin_cut < self.switch_prob)
+        lam = self._beta(self.cutmix_alpha if use_cutmix else self.mixup_alpha)
+        if not use_cutmix or lam == 1.0:
+            return lam, None
+        ratio = math.sqrt(1.0 - lam)  # timm rand_bbox: centre uniform, box clipped at the borders
+        cut_h, cut_w = int(h * ratio), int(w * ratio)
+        cy, cx = (int(v) for v in (torch.randint(h, (), generator=g), torch.randint(w, (), generator=g)))
+        y0, y1 = min(max(cy - cut_h // 2, 0), h), min(max(cy + cut_h // 2, 0), h)
+        x0, x1 = min(max(cx - cut_w // 2, 0), w), min(max(cx + cut_w // 2, 0), w)
+        return 1.0 - (y1 - y0) * (x1 - x0) / (h * w), (y0, y1, x0, x1)
+
+    def __call__(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.active and x.shape[0] % 2:
+            raise ValueError(f"Mixup/CutMix need an even per-rank batch, got {x.shape[0]}")
+        y = smoothed_one_hot(labels, self.num_classes, self.smoothing)
+        lam, box = self.sample(x.shape[2], x.shape[3])
+        if lam == 1.0:
+            return x, y
+        if box is None:
+            x = x * lam + x.flip(0) * (1.0 - lam)
+        else:
+            y0, y1, x0, x1 = box
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+        return x, y * lam + y.flip(0) * (1.0 - lam)
+
+
+class SoftTargetCrossEntropy(nn.Module):
+    """Cross-entropy against soft targets (Mixup/CutMix, label smoothing): mean_b sum_c -t log p."""
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------- the stage
+
+class DeviceAugment:
+    """The training stage on the device: uint8 batch -> auto-augment -> normalise -> random
+    erasing -> Mixup/CutMix -> (float batch, soft targets (B, num_classes)). All stages draw from
+    one CPU generator that this object owns: seeded once (`seed`; give each rank its own) and
+    saved with state_dict(), or re-seeded per batch through __call__'s `seed` (the Loader's
+    batch_seed(seed, rank, epoch, step)), so a resumed run re-draws exactly the same.
+    normalize=False: the input is already a normalised float batch (DALI); only erasing and
+    mixing run, and auto_augment must be 'none'."""
+
+    def __init__(self, *, auto_augment: str, mean: Sequence[float], std: Sequence[float], num_classes: int,
+                 reprob: float = 0.25, remode: str = "pixel", recount: int = 1, mixup: float = 0.8,
+                 cutmix: float = 1.0, mixup_prob: float = 1.0, switch_prob: float = 0.5, smoothing: float = 0.1,
+                 seed: int = 0, normalize: bool = True, device: torch.device | str | None = None) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        fill = tuple(min(255, round(255 * m)) for m in mean)  # timm's img_mean fill for geometric ops
+        self.auto_augment = build_auto_augment(auto_augment, self.generator, fill=fill)
+        if self.auto_augment is not None and not normalize:
+            raise ValueError(f"auto_augment '{auto_augment}' needs the uint8 batch; with normalize=False "
+                             "(already normalised input) use 'none'")
+        self.normalize = normalize
+        self.erasing = RandomErasing(reprob, remode, recount, generator=self.generator) if reprob > 0 else None
+        self.mixup = MixupCutmix(mixup, cutmix, mixup_prob, switch_prob, smoothing, num_classes, self.generator)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        if device is not None:
+            self.mean, self.inv_std = _to(self.mean, torch.device(device)), _to(self.inv_std, torch.device(device))
+
+    def set_mixup_enabled(self, enabled: bool) -> None:
+        """Off for the last `aug.mixup_off_epoch` epochs: targets become smoothed one-hots."""
+        self.mixup.set_enabled(enabled)
+
+    def __call__(self, images: Tensor, labels: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        x = images
+        if self.normalize:
+            _check_uint8(images)
+            if self.auto_augment is not None:
+                images = self.auto_augment(images)
+            if self.mean.device != images.device:
+                self.mean, self.inv_std = _to(self.mean, images.device), _to(self.inv_std, images.device)
+            x = (images.float() - self.mean) * self.inv_std
+        if self.erasing is not None:
+            x = self.erasing(x)
+        return self.mixup(x, labels)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+GpuAugment = DeviceAugment

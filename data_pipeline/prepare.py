@@ -1,0 +1,165 @@
+"""Dataset preparation, shared by `launch/prepare_data.py` and the benchmarks.
+
+Small real datasets in ImageNet's layout, ROOT/{train,val}/<class>/*.JPEG (the digits demo set,
+synthetic JPEGs), image verification with the file lists the folder and DALI backends read, and
+FFCV .beton files. Outputs are written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .folder import check_same_classes, filelist_path, load_rgb, scan_split
+
+SPLITS = ("train", "val")
+
+
+class PrepareError(ValueError):
+    """The tree cannot be prepared as asked; the message lists the paths."""
+
+
+def _check(path: str) -> str | None:
+    try:
+        img = load_rgb(path)
+        img.load()
+        return None
+    except RuntimeError as e:
+        return str(e)
+
+
+def verified_samples(root: Path, workers: int, skip_bad: bool) -> dict[str, tuple[list, list[str]]]:
+    """Scan and decode every image of both splits; fail on a bad file unless skip_bad."""
+    out = {}
+    for split in SPLITS:
+        out[split] = scan_split(root, split, use_filelist=False)  # the folders, not an older list
+    check_same_classes(root, out["train"][1], out["val"][1])
+    for split, (samples, classes) in out.items():
+        with Pool(workers) as pool:
+            errors = list(tqdm(pool.imap(_check, [p for p, _ in samples], chunksize=64), total=len(samples),
+                               desc=f"verify {split}", unit="img", mininterval=1.0))
+        bad = [e for e in errors if e]
+        if bad and not skip_bad:
+            listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+            raise PrepareError(f"{len(bad)} unreadable image(s) in {root}/{split}:\n  {listing}\n"
+                             "fix or remove them, or re-run with --skip-bad to leave them out")
+        if bad:
+            print(f"[{split}] skipped {len(bad)} unreadable image(s):", *bad[:20], sep="\n  ")
+        kept = [s for s, e in zip(samples, errors) if not e]
+        out[split] = (kept, classes)
+        counts = Counter(label for _, label in kept)
+        print(f"[{split}] {len(kept)} images in {len(classes)} classes (per class: min {min(counts.values())}, "
+              f"max {max(counts.values())})")
+        print("  " + ", ".join(f"{c} {counts[i]}" for i, c in enumerate(classes)))
+        empty = [c for i, c in enumerate(classes) if counts[i] == 0]
+        if empty:
+            raise PrepareError(f"class folder(s) with no readable image in {root}/{split}: {empty[:10]}")
+    return out
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(tmp_path), then rename: the final name exists only once the file is complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink()
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_filelists(root: Path, samples: dict[str, tuple[list, list[str]]]) -> None:
+    for split, (items, _) in samples.items():
+        lines = "".join(f"{Path(p).relative_to(root)} {label}\n" for p, label in items)
+        write_atomically(filelist_path(root, split), lambda tmp: tmp.write_text(lines))
+
+
+class _RgbSamples:
+    """What FFCV's writer reads: (RGB image, label) by index."""
+
+    def __init__(self, items: list[tuple[str, int]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.items[i]
+        return load_rgb(path), label
+
+
+def write_ffcv(samples, out: Path, max_side: int, quality: int, compress_fraction: float, workers: int) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    for split, (items, _) in samples.items():
+        fields = {"image": RGBImageField(write_mode="proportion", max_resolution=max_side,
+                                         compress_probability=compress_fraction, jpeg_quality=quality),
+                  "label": IntField()}
+        write_atomically(out / f"{split}.beton", lambda tmp: DatasetWriter(
+            str(tmp), fields, num_workers=workers).from_indexed_dataset(_RgbSamples(items)))
+        print(f"[{split}] wrote {out / f'{split}.beton'} ({(out / f'{split}.beton').stat().st_size / 2**20:.1f} MiB, "
+              f"{len(items)} images)")
+
+
+def _synthetic_image(args: tuple[str, int, int, int, int]) -> None:
+    """A smooth random picture with a class-specific tint: compresses like a photo, not like noise."""
+    path, width, height, label, seed = args
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(img, dtype=np.float32)
+    pixels = 0.7 * pixels + 0.3 * np.array([(label * 67) % 256, (label * 131) % 256, (label * 199) % 256])
+    pixels += rng.normal(0, 8, pixels.shape)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def write_synthetic(out: Path, count: int, classes: int, width: int, height: int, val_fraction: float,
+                    seed: int, workers: int) -> dict[str, int]:
+    jobs, counts = [], {"train": 0, "val": 0}
+    n_val = round(count * val_fraction)
+    for i in range(count):
+        split = "val" if i < n_val else "train"
+        label = i % classes
+        path = out / split / f"class_{label:03d}" / f"img_{i:06d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(path), width, height, label, seed * 1_000_003 + i))
+        counts[split] += 1
+    with Pool(workers) as pool:
+        for _ in tqdm(pool.imap_unordered(_synthetic_image, jobs, chunksize=16), total=len(jobs),
+                      desc="synthetic", unit="img", mininterval=1.0):
+            pass
+    return counts
+
+
+
+def write_digits(root: str | Path, size: int = 32, val_every: int = 5, quality: int = 95) -> dict[str, int]:
+    """Write the 1,797 8x8 digits as size x size RGB JPEGs; every `val_every`-th image of each class
+    goes to val/. Returns the image count per split. Idempotent: a complete tree is left alone."""
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    digits = load_digits()
+    done = root / ".complete"
+    if done.is_file() and done.read_text() == f"digits size={size} val_every={val_every}\n":
+        return {s: sum(1 for _ in (root / s).glob("*/*.JPEG")) for s in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    seen_per_class: dict[int, int] = {}
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        k = seen_per_class.get(int(label), 0)
+        seen_per_class[int(label)] = k + 1
+        split = "val" if k % val_every == val_every - 1 else "train"
+        out = root / split / f"digit_{label}" / f"{i:05d}.JPEG"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (np.asarray(img) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels, "L").resize((size, size), Image.BICUBIC).convert("RGB").save(out, quality=quality)
+        counts[split] += 1
+    done.write_text(f"digits size={size} val_every={val_every}\n")
+    return counts

@@ -1,0 +1,146 @@
+"""Input-pipeline speed: every backend over the same JPEG set, side by side.
+
+    python launch/bench_data.py                      # generates 2,000 JPEGs of 500x375 in a temp dir
+    python launch/bench_data.py --root /data/imagenet-subset --workers 8 --json
+
+Work per image, for every row: decode, RandomResizedCrop to 224, flip, normalise (no
+RandAugment, Mixup or erasing: those are the same device stage for all backends). Rows: our
+loaders (folder, ffcv at max side 256 and at FFCV's ImageNet default 500, dali) and the bare
+library loops doing the same work (FFCV Loader, DALI pipeline + iterator), with images/s and the
+ratio to folder. Each row is timed over its second pass, after a warm-up pass (FFCV compiles its
+pipeline with numba on the first). A benchmark, not a test: it prints figures, asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline import build_loaders
+from data_pipeline.prepare import verified_samples, write_ffcv, write_synthetic
+from trainer.config import CONFIG_DIR, load_config, resolved
+
+MEAN, STD = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
+
+
+def timed_pass(make_iter) -> tuple[float, int]:
+    """Images per second over one full pass (the pass before it is the warm-up)."""
+    for _ in make_iter():
+        pass
+    n, t0 = 0, time.perf_counter()
+    for images, _ in make_iter():
+        n += images.shape[0]
+    return n / (time.perf_counter() - t0), n
+
+
+def our_loader(root: Path, backend: str, batch: int, workers: int, size: int):
+    cfg = load_config(CONFIG_DIR / "cs_mixer_t.yaml", [
+        f"data.backend={backend}", f"data.root={root}", f"data.workers={workers}", f"train.batch_size={batch}",
+        "train.global_batch=null", "train.grad_accum=1", f"model.img_size={size}", "model.num_classes=1000",
+        "aug.auto_augment=none", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0"])
+    train, _ = build_loaders(resolved(cfg, 1), rank=0, world_size=1, device=torch.device("cpu"))
+    return lambda: iter(train)
+
+
+def bare_ffcv(beton: Path, batch: int, workers: int, size: int):
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+
+    loader = Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, drop_last=True,
+                    os_cache=True, pipelines={
+                        "image": [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip(),
+                                  NormalizeImage(MEAN, STD, np.float32), ToTensor(), ToTorchImage()],
+                        "label": [IntDecoder(), ToTensor(), Squeeze()]})
+    return lambda: iter(loader)
+
+
+def bare_dali(root: Path, batch: int, workers: int, size: int):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    @pipeline_def(batch_size=batch, num_threads=workers, device_id=None, seed=0)
+    def pipe():
+        jpegs, labels = fn.readers.file(file_root=str(root / "train"), random_shuffle=True, name="reader")
+        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=False)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN.tolist(),
+                                          std=STD.tolist(), mirror=fn.random.coin_flip())
+        return images, labels
+
+    it = DALIGenericIterator(pipe(), ["images", "labels"], reader_name="reader",
+                             last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+
+    def one_pass():
+        for out in it:
+            yield out[0]["images"], out[0]["labels"]
+    return one_pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", help="an ImageNet-layout tree (default: generate 2,000 JPEGs of 500x375)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--backends", default="folder,ffcv,dali", help="comma-separated subset")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
+    root = Path(args.root) if args.root else Path(tmp.name) / "jpegs"
+    if not args.root:
+        write_synthetic(root, 2000, 10, 500, 375, 0.05, seed=0, workers=os.cpu_count() or 1)
+    backends = args.backends.split(",")
+    rows: list[dict] = []
+
+    def run(name: str, make_iter, library_loop: bool = False) -> None:
+        ips, n = timed_pass(make_iter)
+        rows.append(dict(name=name, images_per_s=round(ips, 1), images=n, bare_library_loop=library_loop))
+        if not args.json:
+            print(f"  {name:<34}{ips:>9.0f} img/s", flush=True)
+
+    if not args.json:
+        print(f"{root}: decode + RandomResizedCrop {args.img_size} + flip + normalise, batch {args.batch}, "
+              f"{args.workers} workers")
+    b, w, s = args.batch, args.workers, args.img_size
+    if "folder" in backends:
+        run("folder (Pillow)", our_loader(root, "folder", b, w, s))
+    if "ffcv" in backends:
+        with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the table / JSON
+            samples = verified_samples(root, w, skip_bad=False)
+            for side in (256, 500):
+                write_ffcv(samples, Path(tmp.name) / f"ffcv{side}", max_side=side, quality=90,
+                           compress_fraction=0.5, workers=w)
+        for side in (256, 500):
+            out = Path(tmp.name) / f"ffcv{side}"
+            run(f"ffcv, max side {side}", our_loader(out, "ffcv", b, w, s))
+            run(f"  bare FFCV Loader, max side {side}", bare_ffcv(out / "train.beton", b, w, s), True)
+    if "dali" in backends:
+        run("dali (CPU mode)", our_loader(root, "dali", b, w, s))
+        run("  bare DALI pipeline", bare_dali(root, b, w, s), True)
+    folder = next((r["images_per_s"] for r in rows if r["name"].startswith("folder")), None)
+    for r in rows:
+        r["ratio_to_folder"] = round(r["images_per_s"] / folder, 2) if folder else None
+    env = dict(host=platform.node(), cpus=os.cpu_count(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+               root=str(root), workers=w, batch=b, img_size=s)
+    if args.json:
+        print(json.dumps(dict(env=env, rows=rows), indent=1))
+    else:
+        print(f"\n{'row':<36}{'img/s':>9}{'x folder':>10}")
+        for r in rows:
+            ratio = f"{r['ratio_to_folder']:.2f}" if r["ratio_to_folder"] else "–"
+            print(f"{r['name']:<36}{r['images_per_s']:>9.0f}{ratio:>10}")
+
+
+if __name__ == "__main__":
+    main()

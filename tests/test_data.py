@@ -1,0 +1,202 @@
+"""Input pipelines on real JPEG files: the folder (Pillow), FFCV (.beton) and DALI (CPU mode) backends,
+the shared sharding, positioning, and data preparation with its bad-input handling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, run_script
+from data_pipeline import DataError, build_loaders
+from data_pipeline.folder import scan_split
+from data_pipeline.sharding import epoch_permutation, train_shard, val_shard
+from trainer.config import CONFIG_DIR, load_config, resolved
+
+PREPARE = str(REPO / "launch/prepare_data.py")
+BACKENDS = ["folder", "ffcv", "dali"]
+
+
+@pytest.fixture(scope="module")
+def jpeg_root(tmp_path_factory):
+    """4 classes of 64x48 JPEGs (+ FFCV files), and an odd-format image or two among them."""
+    root = tmp_path_factory.mktemp("jpegs")
+    result = run_script(PREPARE, "synthetic", "--out", str(root), "--count", "120", "--classes", "4",
+                        "--width", "64", "--height", "48", "--val-fraction", "0.25", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    # Grayscale and CMYK JPEGs must come out as RGB like the rest.
+    gray, cmyk = (next((root / f"train/class_00{c}").glob("*.JPEG")) for c in (1, 2))
+    Image.open(gray).convert("L").save(gray)
+    Image.open(cmyk).convert("CMYK").save(cmyk)
+    result = run_script(PREPARE, "ffcv", "--root", str(root), "--max-side", "64", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def make_cfg(root, backend: str, **extra):
+    overrides = [f"data.backend={backend}", f"data.root={root}", "model.num_classes=4", "model.img_size=32",
+                 "train.batch_size=8", "data.workers=1", "aug.auto_augment=none", "aug.mixup=0", "aug.cutmix=0",
+                 "aug.reprob=0", "aug.smoothing=0", "data.hflip=0.5", *[f"{k}={v}" for k, v in extra.items()]]
+    return resolved(load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", overrides), world_size=1)
+
+
+def labels_of(loader) -> list[int]:
+    return [int(t) for _, targets in loader for t in (targets.argmax(1) if targets.ndim == 2 else targets)]
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def test_train_shards_are_disjoint_cover_the_set_and_reshuffle():
+    n, world, bs = 103, 2, 8
+    shards = [train_shard(n, r, world, bs, seed=0, epoch=0) for r in range(world)]
+    assert all(len(s) == 48 for s in shards)                     # 103 // 16 * 8: same full batches per rank
+    union = np.concatenate(shards)
+    assert len(set(union.tolist())) == 96 and set(union.tolist()) <= set(range(n))
+    assert not (train_shard(n, 0, world, bs, 0, 1) == shards[0]).all()   # another epoch, another order
+    assert (train_shard(n, 0, world, bs, 0, 0) == shards[0]).all()       # same seed, same order
+    assert not (train_shard(n, 0, world, bs, 1, 0) == shards[0]).all()   # another seed, another order
+    assert sorted(epoch_permutation(n, 0, 3).tolist()) == list(range(n))
+
+
+def test_val_shards_cover_every_image_once():
+    for n, world in [(355, 2), (10, 3), (7, 8)]:
+        parts = [val_shard(n, r, world) for r in range(world)]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+
+
+# ----------------------------------------------------------------------------- backends
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_shapes_ranges_and_labels(jpeg_root, backend):
+    cfg = make_cfg(jpeg_root, backend)
+    train, val = build_loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+    samples, classes = scan_split(jpeg_root, "train")
+    assert classes == ["class_000", "class_001", "class_002", "class_003"]
+    assert len(train) == len(samples) // 8
+    images, targets = next(iter(train))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert -2.2 < images.min() < -1.0 and 1.5 < images.max() < 2.7   # normalised with ImageNet mean/std
+    assert targets.shape == (8, 4) and torch.allclose(targets.sum(1), torch.ones(8))
+    # Train reads our order for epoch 0: the labels follow the folder of each file.
+    train.set_position(0)
+    expected = [samples[i][1] for i in train_shard(len(samples), 0, 1, 8, 0, 0)]
+    assert labels_of(train) == expected
+    val_samples, _ = scan_split(jpeg_root, "val")
+    assert labels_of(val) == [label for _, label in val_samples]   # every val image once, in order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_split_train_and_val(jpeg_root, backend):
+    cfg = make_cfg(jpeg_root, backend)
+    samples, _ = scan_split(jpeg_root, "train")
+    val_samples, _ = scan_split(jpeg_root, "val")
+    val_labels, train_counts = [], 0
+    for rank in range(2):
+        train, val = build_loaders(cfg, rank=rank, world_size=2, device=torch.device("cpu"))
+        got = labels_of(train)
+        assert got == [samples[i][1] for i in train_shard(len(samples), rank, 2, 8, 0, 0)]
+        train_counts += len(got)
+        val_labels += labels_of(val)
+    assert train_counts == len(samples) // 16 * 16
+    assert val_labels == [label for _, label in val_samples]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_epochs_reshuffle_and_positioning_reproduces_the_stream(jpeg_root, backend):
+    cfg = make_cfg(jpeg_root, backend)
+    train, _ = build_loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+    epoch0 = list(train)
+    epoch1 = list(train)  # iterating again continues with the next epoch
+    labels0 = [int(t) for _, y in epoch0 for t in y.argmax(1)]
+    labels1 = [int(t) for _, y in epoch1 for t in y.argmax(1)]
+    assert sorted(labels0) == sorted(labels1) and labels0 != labels1
+    train.set_position(1, 4)
+    resumed = list(train)
+    assert len(resumed) == len(epoch1) - 4
+    for (a, ya), (b, yb) in zip(resumed, epoch1[4:]):
+        assert torch.equal(ya, yb)
+        if backend == "folder":  # crops drawn from (seed, epoch, index): the very same pixels
+            assert torch.equal(a, b)
+
+
+def test_folder_crops_are_independent_of_worker_count(jpeg_root):
+    a, _ = build_loaders(make_cfg(jpeg_root, "folder", **{"data.workers": 0}), 0, 1, torch.device("cpu"))
+    b, _ = build_loaders(make_cfg(jpeg_root, "folder", **{"data.workers": 2}), 0, 1, torch.device("cpu"))
+    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+
+
+def test_dali_rand_augment_differs_per_sample(jpeg_root):
+    """Eight copies of one image in a batch: DALI's RandAugment gives them different ops."""
+    from data_pipeline.dali_source import DaliSource
+
+    src = DaliSource(str(jpeg_root), "train", 0, 1, 8, True, 1, 0, 32, torch.device("cpu"), 4,
+                     (0.5,) * 3, (0.25,) * 3, auto_augment="rand-m9-mstd0.5-inc1", scale=(1.0, 1.0),
+                     ratio=(4 / 3, 4 / 3), hflip=0.0)
+    src.files = [src.files[0]] * len(src.files)
+    images, _ = next(src.batches(0, 0))
+    distinct = {tuple(img.flatten()[::37].tolist()) for img in images}
+    assert len(distinct) >= 5
+
+
+def test_bad_backend_settings_fail_clearly(jpeg_root, tmp_path):
+    with pytest.raises(DataError, match="has 4 classes but model.num_classes=10"):
+        build_loaders(make_cfg(jpeg_root, "folder", **{"model.num_classes": 10}), 0, 1, torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/train.beton does not exist"):
+        build_loaders(make_cfg(tmp_path, "ffcv"), 0, 1, torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/train does not exist"):
+        build_loaders(make_cfg(tmp_path, "dali"), 0, 1, torch.device("cpu"))
+    with pytest.raises(DataError, match="even per-rank batch"):
+        build_loaders(make_cfg(jpeg_root, "folder", **{"train.batch_size": 7, "aug.mixup": 0.8}), 0, 1,
+                      torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- preparation
+
+@pytest.fixture
+def small_tree(tmp_path):
+    root = tmp_path / "tree"
+    result = run_script(PREPARE, "synthetic", "--out", str(root), "--count", "24", "--classes", "3",
+                        "--width", "40", "--height", "30", "--val-fraction", "0.25", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_verify_reports_counts_and_writes_file_lists(small_tree):
+    Image.new("RGBA", (40, 30), (10, 200, 30, 128)).save(small_tree / "train/class_000/alpha.png")
+    result = run_script(PREPARE, "verify", "--root", str(small_tree), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "[train] 19 images in 3 classes" in result.stdout and "[val] 6 images in 3 classes" in result.stdout
+    assert "class_000 7, class_001 6, class_002 6" in result.stdout
+    listed = (small_tree / "train_filelist.txt").read_text().splitlines()
+    assert len(listed) == 19 and "train/class_000/alpha.png 0" in listed
+
+
+@pytest.mark.parametrize("content, what", [(b"", "zero-byte"), (b"not an image at all" * 10, "garbage")])
+def test_unreadable_files_fail_with_their_path_or_are_skipped(small_tree, content, what):
+    bad = small_tree / "train/class_001/broken.JPEG"
+    bad.write_bytes(content)
+    truncated = small_tree / "val/class_002/truncated.JPEG"
+    good = next((small_tree / "val/class_002").glob("*.JPEG")).read_bytes()
+    truncated.write_bytes(good[: len(good) // 2])
+    result = run_script(PREPARE, "verify", "--root", str(small_tree), "--workers", "1")
+    assert result.returncode != 0
+    assert str(bad) in result.stderr and "--skip-bad" in result.stderr and "Traceback" not in result.stderr
+    result = run_script(PREPARE, "ffcv", "--root", str(small_tree), "--skip-bad", "--workers", "1",
+                        "--max-side", "40")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 unreadable image(s)" in result.stdout and str(bad) in result.stdout
+    assert str(truncated) in result.stdout
+    assert "[train] wrote" in result.stdout and (small_tree / "train.beton").is_file()
+    assert not list(small_tree.glob(".*.tmp-*"))
+
+
+def test_structural_problems_fail_at_start(small_tree, tmp_path):
+    (small_tree / "train/class_009").mkdir()
+    result = run_script(PREPARE, "verify", "--root", str(small_tree))
+    assert result.returncode == 2 and "class folder" in result.stderr and "class_009 has no images" in result.stderr
+    (small_tree / "train/class_009/x.JPEG").write_bytes(
+        next((small_tree / "train/class_000").glob("*.JPEG")).read_bytes())
+    result = run_script(PREPARE, "verify", "--root", str(small_tree))
+    assert result.returncode == 2 and "different class folders" in result.stderr and "class_009" in result.stderr
+    result = run_script(PREPARE, "verify", "--root", str(tmp_path / "missing"))
+    assert result.returncode == 2 and f"{tmp_path}/missing/train does not exist" in result.stderr
