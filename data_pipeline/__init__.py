@@ -57,9 +57,9 @@ class Loader:
 
 
 def _normalizer(mean, std, device: torch.device):
-    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
     inv_std = 1.0 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
-    return lambda images: (images.float() - mean) * inv_std
+    shift = -torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255 * inv_std
+    return lambda images: torch.addcmul(shift, images.float(), inv_std)  # (x - mean) / std in one pass
 
 
 def _val_stage(mean, std, device) -> Stage:
@@ -122,9 +122,11 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         from .ffcv_source import FfcvSource
         common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
                       img_size=size, device=device, num_classes=cfg.model.num_classes)
-        train_src = FfcvSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip, **common)
-        val_src = FfcvSource(d.root, "val", train=False, crop_pct=crop_pct, **common)
-        normalized = False
+        normalized = device.type == "cpu" and cfg.aug.auto_augment == "none"
+        train_src = FfcvSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
+                               normalize=(info.mean, info.std) if normalized else None, **common)
+        val_src = FfcvSource(d.root, "val", train=False, crop_pct=crop_pct,
+                             normalize=(info.mean, info.std) if normalized else None, **common)
     elif d.backend == "dali":
         from .dali_source import DaliSource
         common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,

@@ -553,7 +553,7 @@ class DeviceAugment:
                 images = self.auto_augment(images)
             if self.mean.device != images.device:
                 self.mean, self.inv_std = _to(self.mean, images.device), _to(self.inv_std, images.device)
-            x = (images.float() - self.mean) * self.inv_std
+            x = torch.addcmul(-self.mean * self.inv_std, images.float(), self.inv_std)  # one fused pass
         if self.erasing is not None:
             x = self.erasing(x)
         return self.mixup(x, labels)
@@ -564,5 +564,3 @@ class DeviceAugment:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.generator.set_state(state["generator"])
 
-
-GpuAugment = DeviceAugment

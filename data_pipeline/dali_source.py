@@ -50,6 +50,7 @@ class DaliSource:
         if train and self.per_rank == 0:
             raise DataError(f"{n} images in {root}/{split} cannot fill a batch of {batch_size} on {world_size} ranks")
         self.batches_per_epoch = -(-self.per_rank // batch_size)
+        self._next: dict = {}  # (epoch, start step) -> an iterator already built and prefetching
 
     def _epoch_files(self, epoch: int, start_step: int) -> tuple[list[str], list[int]]:
         """The global file list for the reader: rank blocks, each from the start step on."""
@@ -100,13 +101,20 @@ class DaliSource:
                     device_id=self.device.index or 0 if gpu else None, seed=seed,
                     prefetch_queue_depth=2)
 
-    def batches(self, epoch: int, start_step: int):
+    def _iterator(self, epoch: int, start_step: int):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         files, labels = self._epoch_files(epoch, start_step)
-        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
         pipe = self._pipeline(files, labels, batch_seed(self.seed, self.rank, epoch, start_step) % 2 ** 31)
-        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
-                                 auto_reset=False)
+        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        # Building the iterator starts the pipeline: it prefetches its first batches from here on.
+        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
+                                   auto_reset=False)
+
+    def batches(self, epoch: int, start_step: int):
+        it = self._next.pop((epoch, start_step), None) or self._iterator(epoch, start_step)
+        self._next.clear()  # a prepared pipeline for another position is no longer wanted
         for out in it:
             yield out[0]["images"], out[0]["labels"].view(-1).long()
+        if self.train:  # the next epoch's pipeline fills its queue while the trainer evaluates
+            self._next = {(epoch + 1, 0): self._iterator(epoch + 1, 0)}

@@ -3,6 +3,7 @@
 FFCV decodes JPEG, random-resized-crops and flips in its compiled (numba) pipeline; the batches
 come out as uint8 NCHW on the training device and go through the shared on-device stage
 (RandAugment/AutoAugment, normalisation, erasing, Mixup/CutMix), since FFCV has no RandAugment.
+On a CPU without auto-augmentation FFCV normalises itself, in its parallel compiled code.
 Order and sharding are ours (data_pipeline/sharding.py), so a run can be positioned at any
 (epoch, step); FFCV's own crop/flip randomness is not seedable per sample.
 """
@@ -33,11 +34,14 @@ class _Order:
 class FfcvSource:
     def __init__(self, root: str, split: str, rank: int, world_size: int, batch_size: int, train: bool,
                  workers: int, seed: int, img_size: int, device: torch.device, num_classes: int, *,
-                 scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875) -> None:
+                 scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
+                 normalize: tuple | None = None) -> None:
+        """normalize=(mean, std): normalise inside FFCV's compiled pipeline and emit floats (the fast
+        path on a CPU when nothing needs the uint8 batch); None: emit uint8 for the device stage."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.reader import Reader
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         from .sharding import train_shard, val_shard
 
@@ -57,12 +61,16 @@ class FfcvSource:
         else:
             image_ops = [CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_pct)]
             order_fn = lambda epoch: val_shard(n, rank, world_size)
+        if normalize:  # before ToTensor: the order that does not hang on CPU (FFCV issues #350/#396)
+            mean, std = (np.array(v, dtype=np.float32) * 255 for v in normalize)
+            image_ops.append(NormalizeImage(mean, std, np.float32))
         image_ops.append(ToTensor())
         label_ops = [IntDecoder(), ToTensor(), Squeeze()]
         if device.type == "cuda":
             image_ops.append(ToDevice(device, non_blocking=True))
             label_ops.append(ToDevice(device, non_blocking=True))
-        image_ops.append(ToTorchImage(channels_last=False))
+        # NCHW shape over channels-last memory: a view, no copy (channels_last=False would copy every batch).
+        image_ops.append(ToTorchImage(channels_last=True))
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=max(1, workers),
                              order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True,
                              pipelines={"image": image_ops, "label": label_ops})

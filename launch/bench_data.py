@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data_pipeline import build_loaders
+from data_pipeline.folder import scan_split
 from data_pipeline.prepare import verified_samples, write_ffcv, write_synthetic
 from trainer.config import CONFIG_DIR, load_config, resolved
 
@@ -42,10 +43,10 @@ def timed_pass(make_iter) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def our_loader(root: Path, backend: str, batch: int, workers: int, size: int):
+def our_loader(root: Path, backend: str, batch: int, workers: int, size: int, classes: int):
     cfg = load_config(CONFIG_DIR / "cs_mixer_t.yaml", [
         f"data.backend={backend}", f"data.root={root}", f"data.workers={workers}", f"train.batch_size={batch}",
-        "train.global_batch=null", "train.grad_accum=1", f"model.img_size={size}", "model.num_classes=1000",
+        "train.global_batch=null", "train.grad_accum=1", f"model.img_size={size}", f"model.num_classes={classes}",
         "aug.auto_augment=none", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0"])
     train, _ = build_loaders(resolved(cfg, 1), rank=0, world_size=1, device=torch.device("cpu"))
     return lambda: iter(train)
@@ -113,8 +114,9 @@ def main() -> None:
         print(f"{root}: decode + RandomResizedCrop {args.img_size} + flip + normalise, batch {args.batch}, "
               f"{args.workers} workers")
     b, w, s = args.batch, args.workers, args.img_size
+    classes = len(scan_split(root, "train")[1])
     if "folder" in backends:
-        run("folder (Pillow)", our_loader(root, "folder", b, w, s))
+        run("folder (Pillow)", our_loader(root, "folder", b, w, s, classes))
     if "ffcv" in backends:
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the table / JSON
             samples = verified_samples(root, w, skip_bad=False)
@@ -123,10 +125,10 @@ def main() -> None:
                            compress_fraction=0.5, workers=w)
         for side in (256, 500):
             out = Path(tmp.name) / f"ffcv{side}"
-            run(f"ffcv, max side {side}", our_loader(out, "ffcv", b, w, s))
+            run(f"ffcv, max side {side}", our_loader(out, "ffcv", b, w, s, classes))
             run(f"  bare FFCV Loader, max side {side}", bare_ffcv(out / "train.beton", b, w, s), True)
     if "dali" in backends:
-        run("dali (CPU mode)", our_loader(root, "dali", b, w, s))
+        run("dali (CPU mode)", our_loader(root, "dali", b, w, s, classes))
         run("  bare DALI pipeline", bare_dali(root, b, w, s), True)
     folder = next((r["images_per_s"] for r in rows if r["name"].startswith("folder")), None)
     for r in rows:

@@ -16,7 +16,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipeline.augment import (AUTOAUG_IMAGENET, IMAGENET_FILL, OPS, RAND_INCREASING_TRANSFORMS,
-                                   RAND_TRANSFORMS, AutoAugment, DeviceAugment, GpuAugment, MixupCutmix, RandAugment,
+                                   RAND_TRANSFORMS, AutoAugment, DeviceAugment, MixupCutmix, RandAugment,
                                    RandomErasing, SoftTargetCrossEntropy, apply_op, build_auto_augment)
 
 H, W = 20, 24  # not square, so a swapped height/width shows
@@ -355,7 +355,6 @@ def test_stage_per_batch_seed_and_prenormalised_input():
     b, tb = fresh(x, labels, 77)
     assert torch.equal(a, b) and torch.equal(ta, tb)
     assert not torch.equal(a, aug(x, labels, 78)[0])
-    assert GpuAugment is DeviceAugment
     # DALI hands over normalised floats: only erasing and mixing run
     normed = torch.randn(8, 3, H, W, generator=gen(2))
     dali = stage(auto_augment="none", normalize=False, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0)
