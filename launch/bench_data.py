@@ -47,7 +47,7 @@ def our_loader(root: Path, backend: str, batch: int, workers: int, size: int, cl
     cfg = load_config(CONFIG_DIR / "cs_mixer_t.yaml", [
         f"data.backend={backend}", f"data.root={root}", f"data.workers={workers}", f"train.batch_size={batch}",
         "train.global_batch=null", "train.grad_accum=1", f"model.img_size={size}", f"model.num_classes={classes}",
-        "aug.auto_augment=none", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0"])
+        "aug.auto_augment=none", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0", "optim.lr=1e-3"])
     train, _ = build_loaders(resolved(cfg, 1), rank=0, world_size=1, device=torch.device("cpu"))
     return lambda: iter(train)
 

@@ -200,3 +200,17 @@ def test_structural_problems_fail_at_start(small_tree, tmp_path):
     assert result.returncode == 2 and "different class folders" in result.stderr and "class_009" in result.stderr
     result = run_script(PREPARE, "verify", "--root", str(tmp_path / "missing"))
     assert result.returncode == 2 and f"{tmp_path}/missing/train does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_data_benchmark_runs_every_backend(jpeg_root):
+    result = run_script(str(REPO / "launch/bench_data.py"), "--root", str(jpeg_root), "--batch", "8",
+                        "--img-size", "32", "--workers", "1", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+    rows = {r["name"].strip(): r for r in json.loads(result.stdout)["rows"]}
+    assert set(rows) == {"folder (Pillow)", "ffcv, max side 256", "bare FFCV Loader, max side 256",
+                         "ffcv, max side 500", "bare FFCV Loader, max side 500", "dali (CPU mode)",
+                         "bare DALI pipeline"}
+    assert all(r["images_per_s"] > 0 and r["images"] > 0 for r in rows.values())
+    assert rows["folder (Pillow)"]["ratio_to_folder"] == 1.0
