@@ -1,7 +1,9 @@
 """Train a model: `python launch/train.py --config configs/cs_mixer_l.yaml [section.key=value ...]`.
 
-Runs the same under torchrun / deepspeed (ranks from the environment) and as one plain process.
-`--print-config` prints the resolved config and exits without creating anything.
+Runs the same under `deepspeed --num_gpus N`, `torchrun --nproc_per_node N`, `srun` (ranks from the
+SLURM variables) and as one plain process. `--print-config` prints the resolved config and exits
+without creating anything. Exit codes: 0 done, 2 bad input, 3 non-finite loss, 85 stopped by a
+signal after writing a checkpoint (requeue and run the same command to resume).
 """
 from __future__ import annotations
 
@@ -32,14 +34,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from data_pipeline import DataError  # heavy imports only when training
-    from trainer.loop import train
+    from trainer.checkpoint import CheckpointError
+    from trainer.distributed import shutdown
+    from trainer.loop import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLoss, train
     try:
-        top1 = train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+        result = train(cfg)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    shutdown()
+    if result.preempted:
+        return EXIT_PREEMPTED
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"val_top1={top1:.2f}")
+        print(f"val_top1={result.top1:.2f}")
     return 0
 
 

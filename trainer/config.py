@@ -100,7 +100,8 @@ class TrainConfig:
     grad_accum: int | None = knob(None, ge=1)    # DeepSpeed's gradient_accumulation_steps
     seed: int = knob(0, ge=0)
     max_steps: int | None = knob(None, ge=1)     # stop after this many optimizer steps
-    log_every: int = knob(50, ge=1)
+    log_every: int = knob(50, ge=1)             # also how often a stop signal / NaN loss is checked
+    peak_tflops: float | None = knob(None, gt=0.0)  # per device, for MFU; null: known GPUs' bf16 peak
     model_ema: bool = False
     model_ema_decay: float = knob(0.99996, gt=0.0, lt=1.0)
     output_dir: str = "runs"

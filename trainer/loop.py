@@ -1,14 +1,18 @@
-"""The training loop: plain PyTorch (DDP over gloo on CPU, NCCL on GPU), one process per device.
+"""The training loop: a small loop around `deepspeed.initialize`.
 
-AdamW, per-step warmup + cosine, soft-target cross-entropy (the data pipeline folds label
-smoothing and Mixup/CutMix into the targets), top-1/top-5 evaluation every epoch. It refuses
-recipe features it does not implement yet (EMA) instead of silently ignoring them.
+AdamW (no decay on norms, biases, CS-Mixer's mixing bias), per-step warmup + cosine, soft-target
+cross-entropy (the data pipeline folds smoothing and Mixup/CutMix into the targets), optional EMA,
+top-1/top-5 every epoch, atomic checkpoints with exact resume, and a clean stop on SIGUSR1/
+SIGUSR2/SIGTERM. The host synchronises only every `train.log_every` steps (loss, stop request,
+non-finite check), at checkpoints and at epoch ends.
 """
 from __future__ import annotations
 
 import datetime
-import os
+import json
 import random
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,40 +21,54 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from tqdm import tqdm
 
 from data_pipeline import build_loaders
 from data_pipeline.augment import SoftTargetCrossEntropy
-from models import create_model
+from models import count_gmacs, create_model
 
+from .checkpoint import CheckpointError, Checkpointer, check_complete, set_rng_state, to_universal
 from .config import ConfigError, RunConfig, plan_batch, resolved
+from .distributed import DistEnv, init_distributed
+from .ds_config import build_ds_config
+from .ema import ModelEma
 from .optim import build_optimizer, lr_at
 
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
+EXIT_PREEMPTED = 85   # checkpointed after a stop signal: requeue me
+EXIT_NONFINITE = 3    # the loss became NaN/inf
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-def init_distributed() -> DistEnv:
-    """Ranks from the launcher's environment (torchrun, deepspeed); one process if none is set."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(rank, local_rank, world, device)
+class NonFiniteLoss(RuntimeError):
+    pass
 
 
-def unsupported_features(cfg: RunConfig) -> list[str]:
-    return ["train.model_ema=true"] if cfg.train.model_ema else []
+@dataclass
+class TrainResult:
+    step: int
+    top1: float | None = None
+    top5: float | None = None
+    ema_top1: float | None = None
+    preempted: bool = False
+
+
+class StopRequest:
+    """Signal handlers only set a flag; the loop acts on it at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank was signalled (one small all-reduce)."""
+        flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def seed_everything(seed: int) -> None:
@@ -59,52 +77,67 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_run_dir(cfg: RunConfig, env: DistEnv) -> Path:
-    """Rank 0 names and creates the run directory and saves the resolved config there."""
+def peak_tflops(cfg: RunConfig, device: torch.device) -> float | None:
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return None
+
+
+def resume_point(cfg: RunConfig, ckpt: Checkpointer) -> tuple[Path, dict] | None:
+    if cfg.train.resume == "none":
+        return None
+    tag_dir = ckpt.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if tag_dir is None:
+        return None
+    meta = check_complete(tag_dir)
+    if meta.get("model") != cfg.model.name:
+        raise CheckpointError(f"checkpoint {tag_dir} is of model {meta.get('model')!r}, but model.name="
+                              f"{cfg.model.name!r}: use another train.run_name / train.resume, or the matching config")
+    return tag_dir, meta
+
+
+def run_directory(cfg: RunConfig, env: DistEnv) -> Path:
     name = [cfg.train.run_name or f"{cfg.model.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"]
-    if env.world_size > 1:
-        dist.broadcast_object_list(name, src=0)
-    run_dir = Path(cfg.train.output_dir) / name[0]
-    if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    return run_dir
+    dist.broadcast_object_list(name, src=0)  # every rank uses rank 0's timestamp
+    return Path(cfg.train.output_dir) / name[0]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, env: DistEnv, autocast) -> tuple[float, float]:
+def evaluate(model, loader, env: DistEnv, dtype: torch.dtype) -> tuple[float, float]:
     """Top-1 / top-5 in percent over the whole val set (each image counted once across ranks)."""
-    model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=env.device)  # top1, top5, n
     for images, labels in loader:
-        with autocast():
-            logits = model(images)
+        logits = model(images.to(dtype))
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == labels[:, None]
         counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels))]).double()
-    if env.world_size > 1:
-        dist.all_reduce(counts)
-    model.train()
+    dist.all_reduce(counts)
     top1, top5, n = counts.tolist()
     return 100 * top1 / n, 100 * top5 / n
 
 
-def train(cfg: RunConfig) -> float:
-    """Train as configured; returns the final val top-1 (percent)."""
+def train(cfg: RunConfig) -> TrainResult:
+    import deepspeed
+
     env = init_distributed()
-    missing = unsupported_features(cfg)
-    if missing:
-        raise ConfigError(f"this trainer does not implement {', '.join(missing)} yet: set them to 0/none/false")
+    if cfg.train.model_ema and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("train.model_ema=true needs the full weights on every rank: use deepspeed.zero_stage "
+                          "0, 1 or 2 (ZeRO-3 partitions the parameters)")
     cfg = resolved(cfg, env.world_size)
     plan = plan_batch(cfg, env.world_size)
+    run_dir = run_directory(cfg, env)
+    ckpt = Checkpointer(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints",
+                        cfg.checkpoint.keep_last, env)
+    resume = resume_point(cfg, ckpt)
     seed_everything(cfg.train.seed + env.rank)
-    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.model.img_size,
-                         drop_path=cfg.model.drop_path).to(env.device)
-    optimizer = build_optimizer(cfg, model, plan.lr)
-    train_loader, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device)
-    run_dir = make_run_dir(cfg, env)
-    ddp_model = nn.parallel.DistributedDataParallel(model) if env.world_size > 1 else model
 
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.model.img_size,
+                         drop_path=cfg.model.drop_path)
+    train_flops = count_gmacs(model, cfg.model.img_size) * 1e9 * 2 * 3  # fwd + bwd FLOPs per image
+    train_loader, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device)
     steps_per_epoch = len(train_loader) // plan.grad_accum
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -112,48 +145,140 @@ def train(cfg: RunConfig) -> float:
     sched = dict(peak_lr=plan.lr, total_steps=total_steps, warmup_lr=cfg.schedule.warmup_lr,
                  min_lr=cfg.schedule.min_lr, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
                  cooldown_steps=round(cfg.schedule.cooldown_epochs * steps_per_epoch))
-    bf16 = cfg.deepspeed.bf16
-    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    loss_fn = SoftTargetCrossEntropy()
-    log = print if env.rank == 0 else (lambda *a, **k: None)
-    log(f"[plan] {cfg.model.name}: world size {env.world_size}, batch {plan.batch_size}/rank x accum "
-        f"{plan.grad_accum} = global {plan.global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps; "
-        f"lr {plan.lr:g} ({plan.lr_rule}); {'bf16' if bf16 else 'fp32'} on {env.device.type}; run dir {run_dir}")
+    optimizer = build_optimizer(cfg, model, plan.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, **sched) / plan.lr)
+    ds_config, user_keys = build_ds_config(cfg, plan)
+    if resume and resume[1]["world_size"] != env.world_size and cfg.deepspeed.zero_stage > 0:
+        load_dir = to_universal(resume[0], env)
+        ds_config["checkpoint"] = {"load_universal": True}
+    else:
+        load_dir = resume[0] if resume else None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    ema = ModelEma(engine.module, cfg.train.model_ema_decay) if cfg.train.model_ema else None
 
-    step, top1 = 0, 0.0
+    step, epoch, step_in_epoch, tracking_run_id = 0, 0, 0, None
+    log = (lambda *a: print(*a, flush=True)) if env.is_main else (lambda *a: None)
+    if resume:
+        tag_dir, meta = resume
+        engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name)
+        step, epoch, step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
+        tracking_run_id = meta.get("tracking_run_id")
+        rng_file = tag_dir / f"rng_rank{env.rank}.pt"
+        if rng_file.is_file() and meta["world_size"] == env.world_size:
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            seed_everything(cfg.train.seed + env.rank + 1_000_003 * step)
+        if ema:
+            ema.load_state_dict(torch.load(tag_dir / "ema.pt", map_location=env.device))
+        how = (f"converted to a universal checkpoint for world size {env.world_size} (saved at "
+               f"{meta['world_size']})" if load_dir != tag_dir else "same world size")
+        log(f"[resume] {tag_dir}: step {step}, epoch {epoch} (+{step_in_epoch} steps); {how}")
+
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+    dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+    peak = peak_tflops(cfg, env.device)
+    log(f"[plan] {cfg.model.name}: world size {env.world_size}; batch {plan.batch_size}/rank x accum "
+        f"{plan.grad_accum} x {env.world_size} ranks = global {plan.global_batch}; {steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps ({cfg.train.epochs} epochs{', max_steps ' + str(cfg.train.max_steps) if cfg.train.max_steps else ''}); "
+        f"lr {plan.lr:g} ({plan.lr_rule}); ZeRO stage {cfg.deepspeed.zero_stage}; "
+        f"{'bf16' if cfg.deepspeed.bf16 else 'fp32'} on {env.device.type}; data {cfg.data.backend}; run dir {run_dir}")
+    if user_keys:
+        log(f"[deepspeed] {cfg.deepspeed.config} overrides: {', '.join(user_keys)}")
+
+    loss_fn = SoftTargetCrossEntropy()
+    stop = StopRequest()
+    ema_model = None
+    result = TrainResult(step=step)
+
+    def save() -> Path:
+        meta = dict(model=cfg.model.name, step=step, epoch=epoch, step_in_epoch=step_in_epoch,
+                    world_size=env.world_size, zero_stage=cfg.deepspeed.zero_stage,
+                    tracking_run_id=tracking_run_id, config=cfg.to_dict())
+        return ckpt.save(engine, meta, ema.state_dict() if ema else None)
+
+    def check_finite(bad: torch.Tensor) -> None:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            last = ckpt.latest()
+            raise NonFiniteLoss(f"non-finite loss by step {step}; last good checkpoint: {last or 'none'} "
+                                "(lower optim.lr, check the data, or resume from that checkpoint)")
+
+    bad = torch.zeros((), device=env.device)
     running = torch.zeros((), device=env.device)
-    t0 = time.perf_counter()
-    for epoch in range(cfg.train.epochs):
-        train_loader.set_position(epoch)
-        for i, (images, targets) in enumerate(train_loader):
-            with autocast():
-                loss = loss_fn(ddp_model(images), targets) / plan.grad_accum
-            loss.backward()
-            running += loss.detach()
-            if (i + 1) % plan.grad_accum:
+    bar = tqdm(total=total_steps, initial=step, disable=not (env.is_main and sys.stderr.isatty()),
+               unit="step", dynamic_ncols=True)
+    t_log, steps_logged = time.perf_counter(), 0
+    while step < total_steps:
+        if step_in_epoch >= steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        train_loader.set_position(epoch, step_in_epoch * plan.grad_accum)
+        engine.train()
+        micro = 0
+        for images, targets in train_loader:
+            loss = loss_fn(engine(images.to(dtype)), targets)
+            engine.backward(loss)
+            engine.step()
+            running += loss.detach() / plan.grad_accum
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+            micro += 1
+            if micro % plan.grad_accum:
                 continue
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, **sched)
-            if cfg.optim.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.train.log_every == 0:  # the only host sync of the loop
-                dt = time.perf_counter() - t0
-                log(f"epoch {epoch} step {step}/{total_steps} loss {running.item() / cfg.train.log_every:.4f} "
-                    f"lr {optimizer.param_groups[0]['lr']:.3g} "
-                    f"{cfg.train.log_every * plan.global_batch / dt:.0f} img/s", flush=True)
+            step, step_in_epoch = step + 1, step_in_epoch + 1
+            steps_logged += 1
+            bar.update(1)
+            if ema:
+                ema.update(engine.module)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                check_finite(bad)
+                mean_loss = running.clone()
+                dist.all_reduce(mean_loss)
+                dt = time.perf_counter() - t_log
+                ips = steps_logged * plan.global_batch / dt
+                mfu = f" MFU {100 * ips * train_flops / (peak * 1e12 * env.world_size):.1f}%" if peak else ""
+                log(f"epoch {epoch} step {step}/{total_steps} loss {mean_loss.item() / env.world_size / steps_logged:.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.3g} grad_norm {engine.get_global_grad_norm() or 0:.3f} "
+                    f"{ips:.0f} img/s{mfu}")
                 running.zero_()
-                t0 = time.perf_counter()
-            if step >= total_steps:
+                t_log, steps_logged = time.perf_counter(), 0
+                if stop.agreed(env.device):
+                    check_finite(bad)
+                    where = save()
+                    log(f"[stop] signal received: checkpoint {where} written at step {step}; exit {EXIT_PREEMPTED}")
+                    bar.close()
+                    return TrainResult(step=step, preempted=True)
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                check_finite(bad)
+                save()
+            if step >= total_steps or step_in_epoch >= steps_per_epoch:
                 break
-        top1, top5 = evaluate(ddp_model, val_loader, env, autocast)
-        log(f"epoch {epoch} val top1 {top1:.2f} top5 {top5:.2f}", flush=True)
-        if step >= total_steps:
-            break
-    if env.rank == 0:
-        torch.save(model.state_dict(), run_dir / "model_final.pt")
-    if env.world_size > 1:
-        dist.destroy_process_group()
-    return top1
+        engine.eval()
+        result.top1, result.top5 = evaluate(engine, val_loader, env, dtype)
+        line = f"epoch {epoch} step {step} val top1 {result.top1:.2f} top5 {result.top5:.2f}"
+        if ema:
+            if ema_model is None:
+                ema_model = create_model(cfg.model.name, num_classes=cfg.model.num_classes,
+                                         img_size=cfg.model.img_size).to(env.device).eval()
+            ema_model.load_state_dict(ema.state_dict())
+            autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if cfg.deepspeed.bf16 else nullcontext()
+            with autocast:
+                result.ema_top1, ema_top5 = evaluate(ema_model, val_loader, env, torch.float32)
+            line += f" | EMA top1 {result.ema_top1:.2f} top5 {ema_top5:.2f}"
+        log(line)
+        check_finite(bad)
+        if step_in_epoch >= steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        save()
+        if stop.agreed(env.device):
+            log(f"[stop] signal received: checkpoint written at step {step}; exit {EXIT_PREEMPTED}")
+            bar.close()
+            return TrainResult(step=step, preempted=True)
+    bar.close()
+    if result.top1 is None:  # resumed a run that had already finished: report its accuracy
+        engine.eval()
+        result.top1, result.top5 = evaluate(engine, val_loader, env, dtype)
+    result.step = step
+    return result

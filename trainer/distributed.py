@@ -1,0 +1,69 @@
+"""Process-group setup for every launcher: torchrun / deepspeed (RANK, WORLD_SIZE, LOCAL_RANK),
+srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), or one plain process. gloo on CPU, NCCL on GPU."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launcher_ranks() -> tuple[int, int, int, str]:
+    """(rank, local rank, world size, launcher) from the environment the launcher set."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun/deepspeed"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "srun"
+    return 0, 0, 1, "single process"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistEnv:
+    rank, local_rank, world, _ = launcher_ranks()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    # DeepSpeed's init reads RANK/WORLD_SIZE/LOCAL_RANK and MASTER_ADDR/PORT: fill them in for srun
+    # and for a single process (the srun launcher script exports MASTER_ADDR/PORT).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world > 1:
+            raise RuntimeError(f"MASTER_PORT is not set for a {world}-process run: export MASTER_ADDR and "
+                               "MASTER_PORT (the SLURM launcher script does), or start with torchrun/deepspeed")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    return DistEnv(rank, local_rank, world, device)
+
+
+def shutdown() -> None:
+    """Destroy the process group before exit: avoids aborts at interpreter teardown (seen with ZeRO-3)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

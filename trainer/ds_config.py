@@ -1,0 +1,52 @@
+"""The DeepSpeed config, generated from the run's config: one source of truth for batch sizes,
+accumulation, ZeRO stage, precision and clipping. A user's DeepSpeed JSON (deepspeed.config) is
+merged on top, key by key, and what it changed is reported."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import BatchPlan, ConfigError, RunConfig
+
+
+def _merge(base: dict, extra: dict, prefix: str = "") -> list[str]:
+    """Merge extra into base in place; return the dotted keys it set."""
+    changed = []
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            changed += _merge(base[key], value, f"{prefix}{key}.")
+        elif base.get(key) != value:
+            base[key] = value
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def build_ds_config(cfg: RunConfig, plan: BatchPlan) -> tuple[dict[str, Any], list[str]]:
+    """(DeepSpeed config dict, keys the user's JSON overrode)."""
+    ds: dict[str, Any] = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        "bf16": {"enabled": cfg.deepspeed.bf16},
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW with its param groups
+        "steps_per_print": 2 ** 31 - 1,         # the trainer logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    changed: list[str] = []
+    if cfg.deepspeed.config:
+        path = Path(cfg.deepspeed.config)
+        try:
+            extra = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"deepspeed.config={path}: cannot read it as JSON ({e})") from None
+        if not isinstance(extra, dict):
+            raise ConfigError(f"deepspeed.config={path}: expected a JSON object")
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            if key in extra and extra[key] != ds[key]:
+                raise ConfigError(f"deepspeed.config={path} sets {key}={extra[key]}, but the run's config gives "
+                                  f"{ds[key]}: set batch sizes with train.batch_size / grad_accum / global_batch")
+        changed = _merge(ds, extra)
+    return ds, changed
