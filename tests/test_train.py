@@ -23,14 +23,16 @@ def test_two_process_training_learns_and_saves_the_run(tmp_path, digits_root):
                         f"train.output_dir={tmp_path}", "train.run_name=two", "train.epochs=4",
                         "train.log_every=5", nproc=2, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "world size 2, batch 64/rank x accum 1 = global 128" in result.stdout
+    assert "world size 2; batch 64/rank x accum 1 x 2 ranks = global 128" in result.stdout
+    assert "ZeRO stage 2; bf16 on cpu" in result.stdout
     top1 = float(result.stdout.strip().splitlines()[-1].removeprefix("val_top1="))
     assert top1 > 80, result.stdout  # 4 epochs on digits: a model that learns gets well above chance (10 %)
     run = tmp_path / "two"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["global_batch"] == 128 and saved["optim"]["lr"] == 0.002
-    state = torch.load(run / "model_final.pt")
-    assert "head.weight" in state and state["head.weight"].shape == (10, 256)
+    ds = json.loads((run / "deepspeed_config.json").read_text())
+    assert ds["train_batch_size"] == 128 and ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000044"
 
 
 def test_same_seed_same_losses(tmp_path, digits_root):
@@ -47,13 +49,14 @@ def test_same_seed_same_losses(tmp_path, digits_root):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.model_ema=true", "does not implement train.model_ema=true yet"),
+    ("train.model_ema=true deepspeed.zero_stage=3", "train.model_ema=true needs the full weights on every rank"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage=4 is out of range: must be <= 3"),
     ("data.backend=ffcv", "digits/train.beton does not exist"),
     ("data.root=/nonexistent/digits", "/nonexistent/digits/train does not exist"),
 ])
 def test_unrunnable_settings_fail_early_and_create_nothing(tmp_path, override, message):
-    result = run_script(TRAIN, "--config", "cs_mixer_tiny", f"train.output_dir={tmp_path}/runs", override,
-                        cwd=tmp_path)
+    result = run_script(TRAIN, "--config", "cs_mixer_tiny", f"train.output_dir={tmp_path}/runs",
+                        *override.split(), cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -74,3 +77,95 @@ def test_model_benchmark_prints_and_writes_json(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["model"] == "cs_mixer_tiny" and row["batch"] == 4 and row["images_per_s"] > 0
     assert "cs_mixer_tiny" in result.stdout
+
+
+def step_losses(stdout: str) -> dict[int, float]:
+    return {int(s): float(l) for s, l in re.findall(r"step (\d+)/\d+ loss ([0-9.]+)", stdout)}
+
+
+def ds_run(tmp_path, digits_root, *overrides, nproc=2, name="run", popen=False):
+    args = [TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
+            f"train.run_name={name}", "train.log_every=1", "data.workers=1", *overrides]
+    return run_script(*args, nproc=nproc, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_zero_stages_train_and_agree(tmp_path, digits_root):
+    losses = {}
+    for stage in (0, 1, 2, 3):
+        r = ds_run(tmp_path, digits_root, f"deepspeed.zero_stage={stage}", "train.max_steps=6", name=f"z{stage}")
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses[stage] = step_losses(r.stdout)
+        assert len(losses[stage]) == 6
+        first, last = losses[stage][1], losses[stage][6]
+        assert last < first, (stage, losses[stage])
+    for stage in (2, 3):  # bf16 reductions run in another order per stage: equal to ~1e-4
+        assert losses[stage] == pytest.approx(losses[1], abs=2e-3), (stage, losses)
+
+
+@pytest.mark.slow
+def test_signal_stop_then_resume_continues_exactly(tmp_path, digits_root):
+    """fp32 on CPU, S2-MLPv2 with EMA: a run stopped by SIGUSR1 (on one rank only) and resumed matches an
+    uninterrupted run step for step, and ends with the same weights and EMA."""
+    import subprocess
+    import sys
+    import time
+
+    common = ["--config", "s2mlpv2_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
+              "train.log_every=1", "data.workers=1", "deepspeed.bf16=false", "train.model_ema=true",
+              "train.model_ema_decay=0.9", "train.max_steps=14", "deepspeed.zero_stage=1"]
+    full = run_script(TRAIN, *common, "train.run_name=full", nproc=2, cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             TRAIN, *common, "train.run_name=cut"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    import psutil
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "step 4/14" in line:
+            workers = psutil.Process(proc.pid).children()
+            workers[-1].send_signal(__import__("signal").SIGUSR1)  # one rank only: the ranks agree first
+    proc.wait(timeout=300)
+    first = "".join(out)
+    assert "[stop] signal received" in first, first
+    stopped_at = int(re.search(r"written at step (\d+)", first).group(1))
+    assert 4 <= stopped_at < 14
+    second = run_script(TRAIN, *common, "train.run_name=cut", nproc=2, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"[resume] {tmp_path}/cut/checkpoints/step_{stopped_at:08d}" in second.stdout
+    full_losses, resumed = step_losses(full.stdout), step_losses(second.stdout)
+    assert sorted(resumed) == list(range(stopped_at + 1, 15))
+    assert all(resumed[s] == full_losses[s] for s in resumed), (resumed, full_losses)
+    a = torch.load(tmp_path / "full/checkpoints/step_00000014/mp_rank_00_model_states.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut/checkpoints/step_00000014/mp_rank_00_model_states.pt", weights_only=False)
+    assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+    ema_a = torch.load(tmp_path / "full/checkpoints/step_00000014/ema.pt")
+    ema_b = torch.load(tmp_path / "cut/checkpoints/step_00000014/ema.pt")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+@pytest.mark.slow
+def test_resume_at_another_world_size(tmp_path, digits_root):
+    r = ds_run(tmp_path, digits_root, "train.max_steps=3", name="ws")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = ds_run(tmp_path, digits_root, "train.max_steps=6", name="ws", nproc=0)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "converted to a universal checkpoint for world size 1 (saved at 2)" in one.stdout
+    assert sorted(step_losses(one.stdout)) == [4, 5, 6]
+    two = ds_run(tmp_path, digits_root, "train.max_steps=8", name="ws")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "converted to a universal checkpoint for world size 2 (saved at 1)" in two.stdout
+    assert sorted(step_losses(two.stdout)) == [7, 8]
+
+
+def test_bad_checkpoints_fail_with_what_to_do(tmp_path, digits_root):
+    r = ds_run(tmp_path, digits_root, "train.max_steps=2", name="ck", nproc=0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    other = ds_run(tmp_path, digits_root, "train.max_steps=3", "model.name=s2mlpv2_tiny", name="ck", nproc=0)
+    assert other.returncode == 2 and "is of model 'cs_mixer_tiny', but model.name='s2mlpv2_tiny'" in other.stderr
+    (tmp_path / "ck/checkpoints/step_00000002/meta.json").write_text("{ half written")
+    corrupt = ds_run(tmp_path, digits_root, "train.max_steps=3", name="ck", nproc=0)
+    assert corrupt.returncode == 2 and "incomplete or corrupt" in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr
