@@ -9,6 +9,7 @@ Mixup/CutMix folded in; val targets are class indices.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -82,7 +83,6 @@ def _train_stage(cfg, mean, std, device, normalized_input: bool, augment: bool) 
 
 
 def default_device() -> torch.device:
-    import os
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -107,26 +112,21 @@ def test_zero_stages_train_and_agree(tmp_path, digits_root):
 def test_signal_stop_then_resume_continues_exactly(tmp_path, digits_root):
     """fp32 on CPU, S2-MLPv2 with EMA: a run stopped by SIGUSR1 (on one rank only) and resumed matches an
     uninterrupted run step for step, and ends with the same weights and EMA."""
-    import subprocess
-    import sys
-    import time
-
     common = ["--config", "s2mlpv2_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
               "train.log_every=1", "data.workers=1", "deepspeed.bf16=false", "train.model_ema=true",
               "train.model_ema_decay=0.9", "train.max_steps=14", "deepspeed.zero_stage=1"]
     full = run_script(TRAIN, *common, "train.run_name=full", nproc=2, cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              TRAIN, *common, "train.run_name=cut"], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    import psutil
     out = []
     for line in proc.stdout:
         out.append(line)
         if "step 4/14" in line:
             workers = psutil.Process(proc.pid).children()
-            workers[-1].send_signal(__import__("signal").SIGUSR1)  # one rank only: the ranks agree first
+            workers[-1].send_signal(signal.SIGUSR1)  # one rank only: the ranks agree first
     proc.wait(timeout=300)
     first = "".join(out)
     assert "[stop] signal received" in first, first
