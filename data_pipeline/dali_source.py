@@ -9,6 +9,8 @@ step); DALI's RandAugment has a fixed magnitude (no `mstd` noise).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import re
 
@@ -16,9 +18,23 @@ import numpy as np
 import torch
 
 from .errors import DataError
-
 from .folder import check_same_classes, scan_split
 from .sharding import batch_seed, epoch_permutation, val_shard
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """DALI's conditionals (used by its RandAugment/AutoAugment) rewrite the pipeline with
+    autograph, which builds ASTs. On CPython < 3.11.8 a garbage collection inside that build can run
+    finalizers that parse code too and corrupt the interpreter's AST depth counter ("AST constructor
+    recursion depth mismatch", python/cpython#106905), so no collection may start meanwhile."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _parse_rand_augment(spec: str) -> tuple[int, int]:
@@ -102,14 +118,15 @@ class DaliSource:
                     prefetch_queue_depth=2)
 
     def _iterator(self, epoch: int, start_step: int):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
         files, labels = self._epoch_files(epoch, start_step)
-        pipe = self._pipeline(files, labels, batch_seed(self.seed, self.rank, epoch, start_step) % 2 ** 31)
-        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
-        # Building the iterator starts the pipeline: it prefetches its first batches from here on.
-        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
-                                   auto_reset=False)
+        with _gc_paused():  # DALI's first import parses signatures with ast too
+            from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+            pipe = self._pipeline(files, labels, batch_seed(self.seed, self.rank, epoch, start_step) % 2 ** 31)
+            policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+            # Building the iterator builds and starts the pipeline: it prefetches its first batches from here on.
+            return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
+                                       last_batch_policy=policy, auto_reset=False)
 
     def batches(self, epoch: int, start_step: int):
         it = self._next.pop((epoch, start_step), None) or self._iterator(epoch, start_step)

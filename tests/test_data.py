@@ -138,6 +138,26 @@ def test_dali_rand_augment_differs_per_sample(jpeg_root):
     assert len(distinct) >= 5
 
 
+def test_dali_pipeline_build_survives_gc_finalizers_that_parse_code(jpeg_root, tmp_path):
+    """CPython 3.11.7 bug (python/cpython#106905): a GC pass inside DALI's autograph AST build
+    whose finalizers parse code broke CI once. Force that: collect on almost every allocation,
+    and parse code in a GC callback."""
+    script = tmp_path / "gc_reentry.py"
+    script.write_text(f"""
+import ast, gc, torch
+from data_pipeline.dali_source import DaliSource
+gc.set_threshold(1)
+gc.callbacks.append(lambda phase, info: ast.parse("a = (1, [2, {{3: 4}}])") if phase == "start" else None)
+src = DaliSource({str(jpeg_root)!r}, "train", 0, 1, 8, True, 1, 0, 32, torch.device("cpu"), 4, (0.5,) * 3,
+                 (0.25,) * 3, auto_augment="rand-m9-mstd0.5-inc1", scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), hflip=0.0)
+images, _ = next(src.batches(0, 0))
+print("batch", tuple(images.shape))
+""")
+    proc = run_script(str(script))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch (8, 3, 32, 32)" in proc.stdout
+
+
 def test_bad_backend_settings_fail_clearly(jpeg_root, tmp_path):
     with pytest.raises(DataError, match="has 4 classes but model.num_classes=10"):
         build_loaders(make_cfg(jpeg_root, "folder", **{"model.num_classes": 10}), 0, 1, torch.device("cpu"))
