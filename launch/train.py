@@ -1,8 +1,8 @@
 """Train a model: `python launch/train.py --config configs/cs_mixer_l.yaml [section.key=value ...]`.
 
 Runs the same under `deepspeed --num_gpus N`, `torchrun --nproc_per_node N`, `srun` (ranks from the
-SLURM variables) and as one plain process. `--print-config` prints the resolved config and exits
-without creating anything. Exit codes: 0 done, 2 bad input, 3 non-finite loss, 85 stopped by a
+SLURM variables) and as one plain process. `--print-config` prints the resolved config, `--dry-run`
+the run's plan (world size, batches, lr, ZeRO stage), and both exit without creating anything. Exit codes: 0 done, 2 bad input, 3 non-finite loss, 85 stopped by a
 signal after writing a checkpoint (requeue and run the same command to resume).
 """
 from __future__ import annotations
@@ -18,10 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a YAML file, or a name from configs/ (cs_mixer_l)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the run's plan and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     try:
         cfg = load_config(find_config(args.config), args.overrides)
         plan = plan_batch(cfg, world_size)
@@ -31,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(f"# {args.config} resolved for world size {world_size}: lr from the {plan.lr_rule}")
         print(resolved(cfg, world_size).to_yaml(), end="")
+        return 0
+    if args.dry_run:
+        print(f"[plan] {cfg.model.name}: world size {world_size}; batch {plan.batch_size}/rank x accum "
+              f"{plan.grad_accum} x {world_size} ranks = global {plan.global_batch}; {cfg.train.epochs} epochs"
+              f"{f', max_steps {cfg.train.max_steps}' if cfg.train.max_steps else ''}; lr {plan.lr:g} "
+              f"({plan.lr_rule}); ZeRO stage {cfg.deepspeed.zero_stage}; {'bf16' if cfg.deepspeed.bf16 else 'fp32'}; "
+              f"data {cfg.data.backend} at {cfg.data.root}; output {cfg.train.output_dir}")
         return 0
 
     from data_pipeline import DataError  # heavy imports only when training

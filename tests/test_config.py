@@ -160,11 +160,21 @@ def test_batch_plan_follows_deepspeed_rules():
     assert plan_batch(cfg, world_size=4).batch_size == 128
 
 
+@pytest.mark.parametrize("world_size, batch_size, grad_accum", [(1, 128, 8), (8, 128, 1), (16, 64, 1), (32, 32, 1),
+                                                                 (64, 16, 1)])
+def test_batch_size_is_an_upper_bound_when_the_global_batch_is_fixed(world_size, batch_size, grad_accum):
+    """`sbatch --nodes=4` on the cs_mixer_l recipe must keep global batch 1024, not fail."""
+    p = plan_batch(load_config(CONFIG_DIR / "cs_mixer_l.yaml"), world_size)
+    assert (p.batch_size, p.grad_accum, p.global_batch) == (batch_size, grad_accum, 1024)
+    p = plan_batch(load_config(CONFIG_DIR / "cs_mixer_l.yaml", ["train.batch_size=48"]), 2)
+    assert (p.batch_size, p.grad_accum) == (32, 16)  # the largest divisor of 512 that is <= 48
+
+
 def test_batch_plan_mismatches_fail_with_the_numbers():
     cfg = load_config(CONFIG_DIR / "cs_mixer_l.yaml", ["train.grad_accum=2"])
     with pytest.raises(ConfigError, match="128 x train.grad_accum=2 x world size 8 = 2048, not train.global_batch=1024"):
         plan_batch(cfg, world_size=8)
-    with pytest.raises(ConfigError, match="not divisible by train.batch_size=128 x world size 3"):
+    with pytest.raises(ConfigError, match="global_batch=1024 is not divisible by the world size 3"):
         plan_batch(load_config(CONFIG_DIR / "cs_mixer_l.yaml"), world_size=3)
     with pytest.raises(ConfigError, match="set train.batch_size"):
         load_config(CONFIG_DIR / "cs_mixer_l.yaml", ["train.batch_size=null", "train.global_batch=null"])
@@ -206,3 +216,11 @@ def test_failed_validation_creates_nothing_on_disk(tmp_path):
         assert result.returncode == 2, (bad, result.stderr)
         assert result.stderr.startswith("error: ")
         assert os.listdir(tmp_path) == [], (bad, os.listdir(tmp_path))
+
+
+def test_dry_run_prints_the_plan_for_the_slurm_world_size():
+    result = run_script("launch/train.py", "--config", "cs_mixer_l", "--dry-run", "data.root=/data/imagenet",
+                        env={"SLURM_NTASKS": "16", "WORLD_SIZE": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("[plan] cs_mixer_l: world size 16; batch 64/rank x accum 1 x 16 ranks = global 1024")
+    assert "lr 0.001" in result.stdout and "ZeRO stage 2; bf16; data dali at /data/imagenet" in result.stdout

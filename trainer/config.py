@@ -373,8 +373,9 @@ class BatchPlan:
 
 
 def plan_batch(cfg: RunConfig, world_size: int) -> BatchPlan:
-    """Resolve batch_size x grad_accum x world_size = global_batch as DeepSpeed does:
-    any two given determine the third; all three given must agree."""
+    """Resolve batch_size x grad_accum x world_size = global_batch as DeepSpeed does: any two given
+    determine the third; all three given must agree. With global_batch and batch_size given,
+    batch_size is an upper bound: on many GPUs the micro-batch shrinks so the global batch holds."""
     t = cfg.train
     bs, acc, gb = t.batch_size, t.grad_accum, t.global_batch
     if gb is None:
@@ -386,12 +387,13 @@ def plan_batch(cfg: RunConfig, world_size: int) -> BatchPlan:
             raise ConfigError(f"train.global_batch={gb} is not divisible by train.grad_accum={acc} x "
                               f"world size {world_size}")
         bs = gb // (acc * world_size)
-    elif acc is None:
-        if gb % (bs * world_size):
-            raise ConfigError(f"train.global_batch={gb} is not divisible by train.batch_size={bs} x "
-                              f"world size {world_size}; choose a batch_size that divides "
-                              f"{gb // world_size if gb % world_size == 0 else gb}, or change global_batch")
-        acc = gb // (bs * world_size)
+    elif acc is None:  # batch_size is the largest micro-batch a GPU takes; accumulation makes up the rest
+        if gb % world_size:
+            raise ConfigError(f"train.global_batch={gb} is not divisible by the world size {world_size}: "
+                              "change global_batch or the number of GPUs")
+        per_rank = gb // world_size
+        bs = max(d for d in range(1, min(bs, per_rank) + 1) if per_rank % d == 0)
+        acc = per_rank // bs
     elif bs * acc * world_size != gb:
         raise ConfigError(f"train.batch_size={bs} x train.grad_accum={acc} x world size {world_size} = "
                           f"{bs * acc * world_size}, not train.global_batch={gb}; "
