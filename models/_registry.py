@@ -43,16 +43,31 @@ def model_info(name: str) -> ModelInfo:
     return _MODELS[name]
 
 
-def create_model(name: str, **overrides) -> nn.Module:
+def create_model(name: str, checkpoint_path: str | None = None, **overrides) -> nn.Module:
     """Build variant `name`; keyword overrides replace its constructor arguments
-    (num_classes, img_size, drop_path, and each family's structural knobs)."""
+    (num_classes, img_size, drop_path, and each family's structural knobs). With `checkpoint_path`
+    (a file from launch/export.py, timm's argument name) the weights are loaded, and the file's
+    num_classes/img_size are used unless overridden."""
     info = model_info(name)
     allowed = [p for p in inspect.signature(info.model_class).parameters if p != "self"]
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise TypeError(f"{name}: unknown override(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    state = None
+    if checkpoint_path is not None:
+        from .exported import load_exported
+
+        state, header = load_exported(checkpoint_path)
+        if header["model"] != name:
+            raise ValueError(f"{checkpoint_path} holds weights of {header['model']!r}, not {name!r}")
+        overrides = {**header["model_args"], **{k: v for k, v in overrides.items() if v is not None}}
     args = {"img_size": info.img_size, **info.model_args}
     args.update({k: v for k, v in overrides.items() if v is not None})
     model = info.model_class(**args)
     model.model_name = name
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{checkpoint_path} does not fit {name} built with {overrides}: {e}") from None
     return model

@@ -130,3 +130,79 @@ def to_universal(tag_dir: Path, env: DistEnv) -> Path:
             raise CheckpointError(f"converting {tag_dir} to a universal checkpoint failed:\n{result.stderr[-2000:]}")
     dist.barrier()
     return out
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory from what a user may point at: the step_N directory itself, a
+    checkpoints/ directory or a run directory (their `latest` checkpoint)."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / META).is_file() or any(candidate.glob("*model_states.pt")):
+            return candidate
+        if (candidate / "latest").is_file():
+            return candidate / (candidate / "latest").read_text().strip()
+    raise CheckpointError(f"{path} is not a checkpoint: expected a step_N directory with {META}, or a run or "
+                          "checkpoints directory with a 'latest' file")
+
+
+def consolidated_weights(tag_dir: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full fp32 model state dict of a checkpoint at any ZeRO stage, without DeepSpeed's engine
+    (ZeRO 1-3: gathered from the optimizer partitions; ZeRO 0: the fp32 master copy under bf16),
+    or its EMA weights; plus the checkpoint's meta.json."""
+    import contextlib
+    import io
+
+    meta = check_complete(tag_dir)
+    if ema:
+        if not (tag_dir / "ema.pt").is_file():
+            raise CheckpointError(f"checkpoint {tag_dir} has no EMA weights (the run had train.model_ema=false)")
+        return torch.load(tag_dir / "ema.pt", map_location="cpu", weights_only=True), meta
+    if meta["zero_stage"] > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-shard progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return {k: v.float() for k, v in state.items()}, meta
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    state = {k: v.float() for k, v in saved["module"].items()}
+    fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups")
+    if fp32_groups:  # bf16 at ZeRO 0: the module holds bf16 copies; the master weights are per group
+        from models import create_model
+
+        from .optim import decay_split
+
+        names = decay_split(create_model(meta["model"], **_model_args(meta)))
+        for group_names, tensors in zip(names, fp32_groups):
+            if [state[n].shape for n in group_names] != [t.shape for t in tensors]:
+                raise CheckpointError(f"checkpoint {tag_dir}: optimizer groups do not match model "
+                                      f"{meta['model']}'s parameters; it was written by another version")
+            state.update({n: t.float() for n, t in zip(group_names, tensors)})
+    return state, meta
+
+
+def _model_args(meta: dict[str, Any]) -> dict[str, Any]:
+    model = meta["config"]["model"]
+    return {"num_classes": model["num_classes"], "img_size": model["img_size"]}
+
+
+def export(tag_dir: Path, out: Path | None = None, ema: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a checkpoint's weights as one safetensors file `create_model(name, checkpoint_path=...)`
+    loads; default path <run dir>/exported/<model>-<step tag>[-ema].safetensors."""
+    from models import create_model
+    from models.exported import save_exported
+
+    state, meta = consolidated_weights(tag_dir, ema)
+    args = _model_args(meta)
+    model = create_model(meta["model"], **args)  # check it loads before writing anything
+    missing = set(model.state_dict()) ^ set(state)
+    if missing:
+        raise CheckpointError(f"checkpoint {tag_dir}: weights do not match model {meta['model']} "
+                              f"({len(missing)} names differ, e.g. {sorted(missing)[:3]})")
+    if out is None:
+        out = tag_dir.parent.parent / "exported" / f"{meta['model']}-{tag_dir.name}{'-ema' if ema else ''}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_exported(tmp, meta["model"], {k: v.to(dtype) for k, v in state.items()}, args, step=meta["step"],
+                  weights="ema" if ema else "model", source=str(tag_dir.resolve()))
+    os.replace(tmp, out)
+    return out

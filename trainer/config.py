@@ -313,9 +313,21 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Build the RunConfig for a YAML file plus command-line overrides, validated."""
+    values = {key: (value, f"{source}: ") for key, (value, source) in _read_yaml(Path(path)).items()}
+    return _build(values, overrides)
+
+
+def config_from_dict(data: dict[str, dict[str, Any]], overrides: list[str] = (), source: str = "") -> RunConfig:
+    """The RunConfig saved with a run (RunConfig.to_dict(), e.g. a checkpoint's meta.json) plus overrides."""
+    values = {f"{section}.{key}": (value, f"{source}: ") for section, keys in data.items()
+              for key, value in keys.items()}
+    return _build(values, overrides)
+
+
+def _build(values: dict[str, tuple[Any, str]], overrides: list[str]) -> RunConfig:
     cfg = RunConfig()
-    for key, (value, source) in _read_yaml(Path(path)).items():
-        _set(cfg, key, value, f"{source}: ")
+    for key, (value, where) in values.items():
+        _set(cfg, key, value, where)
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key, value, "command line: ")

@@ -9,15 +9,23 @@ from torch import nn
 from .config import RunConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices/kernels only: not on norms, biases (1-D) or what the
-    model lists in no_weight_decay() (e.g. CS-Mixer's per-head mixing bias)."""
+def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Names of the parameters with and without weight decay: decay on weight matrices/kernels
+    only, not on norms, biases (1-D) or what the model lists in no_weight_decay() (e.g. CS-Mixer's
+    per-head mixing bias). The optimizer's group order; export reads bf16 ZeRO-0 master weights by it."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(name)
+    return decay, no_decay
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    params = dict(model.named_parameters())
+    decay, no_decay = decay_split(model)
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
 
 
 def lr_at(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, warmup_lr: float,
