@@ -109,7 +109,12 @@ EOF
   echo "PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO" >>"$CONF"
   : >"$DIR/etc/plugstack.conf"  # not the system's /etc/slurm/plugstack.conf
   : >"$DIR/etc/gres.conf"
-  [[ "$gpus" -gt 0 ]] && echo "Name=gpu Count=$gpus" >"$DIR/etc/gres.conf"
+  if [[ "$gpus" -gt 0 ]]; then
+    # slurmd wants a character device per GPU; /dev/null stands in (nothing opens it: TaskPlugin=task/none).
+    mkdir -p "$DIR/dev"
+    for ((i = 0; i < gpus; i++)); do ln -sfn /dev/null "$DIR/dev/gpu$i"; done
+    echo "Name=gpu File=$DIR/dev/gpu[0-$((gpus - 1))]" >"$DIR/etc/gres.conf"
+  fi
   log "wrote $CONF (ports $port_base-$((port_base + 2)), $cpus CPUs and $gpus GPUs per node)"
 }
 
@@ -177,19 +182,39 @@ stop() {
       while [[ -n $(squeue -h -o %A 2>/dev/null) ]] && ((SECONDS < end)); do sleep 0.5; done
     fi
   fi
-  local d pid
-  for d in slurmd-n1 slurmd-n2 slurmctld munged; do
+  # slurmd first (they report to slurmctld), munged last (everyone authenticates through it).
+  local group
+  for group in "slurmd-n1 slurmd-n2" slurmctld munged; do
+    stop_daemons $group
+  done
+}
+
+# A zombie (exited, not yet reaped) has an empty command line: it counts as stopped.
+any_alive() {
+  local p
+  for p in "$@"; do [[ -n $(tr -d '\0' <"/proc/$p/cmdline" 2>/dev/null) ]] && return 0; done
+  return 1
+}
+
+stop_daemons() {
+  local d pid pids=() names=()
+  for d in "$@"; do
     pid=$(live_pid "$d")
+    rm -f "$DIR/pids/$d.pid"
     [[ -n "$pid" ]] || continue
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    if kill -0 "$pid" 2>/dev/null; then
-      log "$d ($pid) did not stop in 10 s: SIGKILL"
+    pids+=("$pid"); names+=("$d")
+  done
+  [[ ${#pids[@]} -gt 0 ]] || return 0
+  local end=$((SECONDS + 10))
+  while any_alive "${pids[@]}" && ((SECONDS < end)); do sleep 0.2; done
+  for pid in "${pids[@]}"; do
+    if any_alive "$pid"; then
+      log "pid $pid did not stop in 10 s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
     fi
-    rm -f "$DIR/pids/$d.pid"
-    log "stopped $d ($pid)"
   done
+  log "stopped ${names[*]} (${pids[*]})"
 }
 
 status() {

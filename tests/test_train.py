@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -169,3 +170,44 @@ def test_bad_checkpoints_fail_with_what_to_do(tmp_path, digits_root):
     corrupt = ds_run(tmp_path, digits_root, "train.max_steps=3", name="ck", nproc=0)
     assert corrupt.returncode == 2 and "incomplete or corrupt" in corrupt.stderr
     assert "Traceback" not in corrupt.stderr
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_gives_the_same_run_as_torchrun(tmp_path, digits_root):
+    """`deepspeed --num_gpus 2 launch/train.py` (its --local_rank argument, its env) = torchrun, loss for loss."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
+            "train.max_steps=4", "train.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ds = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+                         "--master_port", str(port), TRAIN, *args, "train.run_name=ds"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert ds.returncode == 0, ds.stderr[-3000:]
+    tr = run_script(TRAIN, *args, "train.run_name=tr", nproc=2, cwd=tmp_path)
+    assert tr.returncode == 0, tr.stderr[-3000:]
+    assert "world size 2; batch 64/rank x accum 1 x 2 ranks" in ds.stdout
+    assert len(losses(ds.stdout)) == 4 and losses(ds.stdout) == losses(tr.stdout)
+
+
+def test_trainer_benchmarks_print_their_tables(tmp_path):
+    bench = str(REPO / "launch/bench_trainer.py")
+    out = tmp_path / "overhead.json"
+    result = run_script(bench, "overhead", "--steps", "2", "--windows", "1", "--warmup", "1", "--batch", "8",
+                        "--json", str(out), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["ms_per_step"]) == {"pytorch_ddp", "deepspeed_zero0", "deepspeed_zero1"}
+    assert all(v > 0 for v in figures["ms_per_step"].values())
+    out = tmp_path / "memory.json"
+    result = run_script(bench, "memory", "--model", "cs_mixer_tiny", "--img-size", "32", "--stages", "0,2,3",
+                        "--json", str(out), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["zero_stage"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "state MB | ZeRO paper MB" in result.stdout
+    # 1.76 M params: 16 bytes each at stage 0 = 27 MB; partitioning must save memory at stage 2
+    assert rows[0]["state_mb"] == pytest.approx(27, abs=3)
+    assert rows[2]["state_mb"] < 0.7 * rows[0]["state_mb"]

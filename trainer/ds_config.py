@@ -22,8 +22,14 @@ def _merge(base: dict, extra: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def build_ds_config(cfg: RunConfig, plan: BatchPlan) -> tuple[dict[str, Any], list[str]]:
-    """(DeepSpeed config dict, keys the user's JSON overrode)."""
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce/allgather bucket (elements)
+DEFAULT_PREFETCH = 50_000_000  # ZeRO-3 prefetch bucket
+
+
+def build_ds_config(cfg: RunConfig, plan: BatchPlan, n_params: int | None = None) -> tuple[dict[str, Any], list[str]]:
+    """(DeepSpeed config dict, keys the user's JSON overrode). With the model's parameter count,
+    ZeRO's communication buckets are capped at it: DeepSpeed's 5e8-element default allocates
+    ~1 GB per rank for ZeRO-3's reduce bucket even for a model a fraction of that size."""
     ds: dict[str, Any] = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.batch_size,
@@ -35,6 +41,11 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan) -> tuple[dict[str, Any], li
         "steps_per_print": 2 ** 31 - 1,         # the trainer logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
+    if n_params and cfg.deepspeed.zero_stage > 0:
+        zero = ds["zero_optimization"]
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = min(DEFAULT_BUCKET, n_params)
+        if cfg.deepspeed.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = min(DEFAULT_PREFETCH, n_params)
     changed: list[str] = []
     if cfg.deepspeed.config:
         path = Path(cfg.deepspeed.config)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data_pipeline import build_loaders
 from data_pipeline.augment import SoftTargetCrossEntropy
-from models import count_gmacs, create_model
+from models import count_gmacs, count_params, create_model
 
 from .checkpoint import CheckpointError, Checkpointer, check_complete, set_rng_state, to_universal
 from .config import ConfigError, RunConfig, plan_batch, resolved
@@ -147,7 +147,7 @@ def train(cfg: RunConfig) -> TrainResult:
                  cooldown_steps=round(cfg.schedule.cooldown_epochs * steps_per_epoch))
     optimizer = build_optimizer(cfg, model, plan.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, **sched) / plan.lr)
-    ds_config, user_keys = build_ds_config(cfg, plan)
+    ds_config, user_keys = build_ds_config(cfg, plan, count_params(model))
     if resume and resume[1]["world_size"] != env.world_size and cfg.deepspeed.zero_stage > 0:
         load_dir = to_universal(resume[0], env)
         ds_config["checkpoint"] = {"load_universal": True}

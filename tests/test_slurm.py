@@ -1,0 +1,292 @@
+"""The SLURM launchers (slurm/) on a real SLURM cluster on this machine, and DeepSpeed's multi-node launcher.
+
+One cluster per module (slurm/local_cluster.sh: munged, slurmctld, two slurmd on 127.0.0.1, own ports),
+shaped like two 8-GPU nodes (64 CPUs, 8 emulated GPUs each) so the full-size sbatch headers are checked as
+shipped; the tiny jobs run on the CPU over gloo. Missing SLURM or munge binaries fail the module: in CI
+nothing may be skipped.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+
+SLURM_DIR = REPO / "slurm"
+LOCAL_CLUSTER = SLURM_DIR / "local_cluster.sh"
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+# config -> (world size, batch per GPU, global batch) the sbatch header's allocation gives: the recipe's
+# global batch without gradient accumulation, at most 128 images per GPU.
+FULL_SIZE = {
+    "cs_mixer_t": (8, 128, 1024), "cs_mixer_s": (8, 128, 1024), "cs_mixer_b": (8, 128, 1024),
+    "cs_mixer_l": (16, 64, 1024), "s2mlpv2_small": (16, 128, 2048), "s2mlpv2_medium": (16, 128, 2048),
+}
+TINY = ("cs_mixer_tiny", "s2mlpv2_tiny")
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",) if os.access(p, os.X_OK)), None)
+
+
+def _free_port_block(n: int) -> int:
+    """A base port with n free ports after it, below the MASTER_PORT range launch.sh uses (20000+)."""
+    for _ in range(100):
+        base = random.randrange(10000, 19990)
+        try:
+            socks = [socket.create_server(("0.0.0.0", base + i)) for i in range(n)]
+        except OSError:
+            continue
+        for s in socks:
+            s.close()
+        return base
+    raise RuntimeError("no free port block")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without SLURM job variables (pytest may itself run inside a job)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k not in ("RANK", "WORLD_SIZE")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+class Cluster:
+    def __init__(self, root: Path, conf: str) -> None:
+        self.root, self.conf = root, conf
+        self.runs = root / "runs"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return _clean_env(SLURM_CONF=self.conf, RUN_ROOT=str(self.runs), PYTHON=sys.executable, **extra)
+
+    def submit(self, config: str, *overrides: str, sbatch_args: tuple[str, ...] = (), **env: str) -> str:
+        """sbatch the shipped slurm/<config>.sbatch from the repository root; overrides go to the trainer."""
+        r = subprocess.run(["sbatch", "--parsable", f"--output={self.root}/slurm-%x-%j.out", *sbatch_args,
+                            f"slurm/{config}.sbatch", *overrides],
+                           cwd=REPO, env=self.env(**env), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env(), capture_output=True,
+                             text=True, timeout=30).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out))
+
+    def wait(self, job_id: str, timeout: float = 300, restarts: int = 0) -> dict[str, str]:
+        """Poll until the job is finished (after at least `restarts` requeues)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            info = self.job(job_id)
+            if info.get("JobState") in FINAL_STATES and int(info.get("Restarts", 0)) >= restarts:
+                return info
+            time.sleep(1)
+        raise AssertionError(f"job {job_id} not finished after {timeout} s: {self.job(job_id)}\n{self.output(job_id)}")
+
+    def output(self, job_id: str) -> str:
+        files = list(self.root.glob(f"slurm-*-{job_id}.out"))
+        return files[0].read_text() if files else ""
+
+    def signal_batch_shell(self, job_id: str, sig: str) -> None:
+        """What `#SBATCH --signal=B:SIG@T` does at T seconds before the time limit, now."""
+        subprocess.run(["scancel", "--batch", f"--signal={sig}", job_id], env=self.env(), check=True, timeout=30)
+
+
+def wait_for_line(path: Path, pattern: str, timeout: float = 180) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.is_file() and re.search(pattern, text := path.read_text()):
+            return text
+        time.sleep(0.3)
+    raise AssertionError(f"{pattern!r} not in {path} after {timeout} s")
+
+
+def step_losses(log: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+)/\d+ loss ([0-9.]+)", log)}
+
+
+def module_states(run_dir: Path) -> dict[str, torch.Tensor]:
+    tag = (run_dir / "checkpoints/latest").read_text().strip()
+    return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = [b for b in BINARIES if not _which(b)]
+    if missing:
+        pytest.fail(f"SLURM tests need {', '.join(missing)}: apt-get install slurm-wlm munge "
+                    "(scripts/setup_env.sh does, as root)")
+    root = tmp_path_factory.mktemp("slurm")
+    env = _clean_env(PORT_BASE=str(_free_port_block(3)), NODE_CPUS="64", NODE_GPUS="8",
+                     FIRST_JOB_ID=str(random.randrange(1000, 9000)))  # job ids, hence MASTER_PORTs, differ per run
+    start = subprocess.run(["bash", str(LOCAL_CLUSTER), "start", str(root / "cluster")], env=env,
+                           capture_output=True, text=True, timeout=120)
+    if start.returncode != 0:
+        subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", str(root / "cluster")], env=env, timeout=120)
+        pytest.fail(f"local cluster did not start:\n{start.stdout}\n{start.stderr}")
+    conf = re.search(r"^export SLURM_CONF=(\S+)$", start.stdout, re.M).group(1)
+    yield Cluster(root, conf)
+    subprocess.run(["bash", str(LOCAL_CLUSTER), "stop", str(root / "cluster")], env=env, timeout=120)
+
+
+# ------------------------------------------------------------------ a, d: the tiny jobs, two at once
+@pytest.fixture(scope="module")
+def tiny_jobs(cluster, digits_root):
+    """Both shipped tiny sbatch files submitted at once (2 nodes each), run to completion."""
+    ids = {cfg: cluster.submit(cfg, f"data.root={digits_root}", "train.epochs=2", "tracking.enabled=false")
+           for cfg in TINY}
+    return {cfg: (job_id, cluster.wait(job_id)) for cfg, job_id in ids.items()}
+
+
+@pytest.mark.parametrize("config", TINY)
+def test_tiny_sbatch_trains_on_two_nodes(cluster, tiny_jobs, config):
+    job_id, info = tiny_jobs[config]
+    out = cluster.output(job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out
+    assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
+    logs = cluster.runs / f"{config}-{job_id}" / "logs"
+    rank0, rank1 = (logs / "rank0.log").read_text(), (logs / "rank1.log").read_text()
+    assert f"[plan] {config}: world size 2; batch 64/rank x accum 1 x 2 ranks = global 128" in rank0
+    assert "Traceback" not in rank0 + rank1 and "DeepSpeed" in rank1  # rank 1 wrote its own log
+    top1 = float(re.search(r"^val_top1=([0-9.]+)$", rank0, re.M).group(1))
+    assert top1 > 25, rank0  # 2 epochs on digits (cs_mixer_tiny ~92 %, s2mlpv2_tiny ~35 %): above chance, 10 %
+    assert f"done: val_top1={top1:.2f}" in out and "(restart 0 of at most 20)" in out
+
+
+def test_two_jobs_at_once_do_not_collide(cluster, tiny_jobs):
+    ports, run_dirs, spans = set(), set(), []
+    for config, (job_id, info) in tiny_jobs.items():
+        launch = (cluster.runs / f"{config}-{job_id}" / "logs/launch.log").read_text()
+        ports.add(int(re.search(r"MASTER_ADDR=127\.0\.0\.1 MASTER_PORT=(\d+)", launch).group(1)))
+        run_dirs.add(re.search(r"run dir (\S+);", launch).group(1))
+        spans.append((info["StartTime"], info["EndTime"]))
+        assert info["ExitCode"] == "0:0"
+    assert len(ports) == 2 and len(run_dirs) == 2
+    (start_a, end_a), (start_b, end_b) = spans  # ISO timestamps: they ran at the same time
+    assert start_a < end_b and start_b < end_a, spans
+
+
+# ------------------------------------------------------------------ b: preemption, requeue, exact resume
+def test_preempted_job_requeues_and_resumes_exactly(cluster, digits_root):
+    """SIGUSR2 to the batch shell (what `--signal=B:USR2@T` does): checkpoint, exit 85, requeue, resume; the
+    final weights equal those of an uninterrupted run (fp32, same seed, same world size)."""
+    common = (f"data.root={digits_root}", "train.epochs=3", "train.log_every=1", "deepspeed.bf16=false",
+              "tracking.enabled=false")
+    ref = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="reference")
+    cut = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="preempted")
+    wait_for_line(cluster.runs / "preempted/logs/rank0.log", r"step 3/33 ")
+    cluster.signal_batch_shell(cut, "USR2")
+
+    info = cluster.wait(cut, restarts=1)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
+        cluster.output(cut)
+    assert cluster.wait(ref)["ExitCode"] == "0:0"
+    launch = (cluster.runs / "preempted/logs/launch.log").read_text()
+    assert "SIGUSR2: forwarding it to srun" in launch
+    assert f"stopped (exit 85): requeueing job {cut} (restart 1 of at most 20)" in launch
+    assert f"job {cut} (restart 1 of at most 20)" in launch  # SLURM_RESTART_COUNT=1 in the second run
+    log = (cluster.runs / "preempted/logs/rank0.log").read_text()
+    stopped = int(re.search(r"\[stop\] signal received: checkpoint \S+ written at step (\d+); exit 85", log).group(1))
+    assert 3 <= stopped < 33
+    assert f"[resume] {cluster.runs}/preempted/checkpoints/step_{stopped:08d}: step {stopped}" in log
+    resumed, full = step_losses(log.split("[resume]")[1]), step_losses((cluster.runs / "reference/logs/rank0.log").read_text())
+    assert sorted(resumed) == list(range(stopped + 1, 34))
+    assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
+    a, b = module_states(cluster.runs / "reference"), module_states(cluster.runs / "preempted")
+    assert (cluster.runs / "preempted/checkpoints/latest").read_text().strip() == "step_00000033"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ c: full-size headers
+@pytest.fixture(scope="module")
+def dry_runs(cluster):
+    """Every full-size sbatch file, header as shipped, submitted with DRY_RUN=1: launch.sh resolves the
+    allocation and the config, prints the plan and the srun command, and starts no rank."""
+    ids = {cfg: cluster.submit(cfg, "data.root=/data/imagenet", DRY_RUN="1") for cfg in FULL_SIZE}
+    return {cfg: (job_id, cluster.wait(job_id, timeout=180)) for cfg, job_id in ids.items()}
+
+
+@pytest.mark.parametrize("config", FULL_SIZE)
+def test_full_size_sbatch_fits_and_resolves(cluster, dry_runs, config):
+    test_only = subprocess.run(["sbatch", "--test-only", f"slurm/{config}.sbatch"], cwd=REPO, env=cluster.env(),
+                               capture_output=True, text=True, timeout=60)
+    world, per_gpu, global_batch = FULL_SIZE[config]
+    nodes = "n[1-2]" if world == 16 else "n1"
+    assert test_only.returncode == 0 and f"using {world * 8} processors on nodes {nodes}" in test_only.stderr, \
+        test_only.stderr
+    job_id, info = dry_runs[config]
+    out = cluster.output(job_id)
+    assert info["ExitCode"] == "0:0", out
+    assert info["TRES"].startswith(f"cpu={world * 8},") and info["NumNodes"] == str(world // 8), info
+    assert f"{world} tasks, 8 CPUs each; MASTER_ADDR=127.0.0.1 MASTER_PORT={20000 + int(job_id) % 20000}" in out
+    assert (f"[plan] {config}: world size {world}; batch {per_gpu}/rank x accum 1 x {world} ranks = "
+            f"global {global_batch};") in out
+    assert "DRY_RUN: would run: srun --kill-on-bad-exit=1 --cpus-per-task=8" in out
+    assert not (cluster.runs / f"{config}-{job_id}").exists()
+
+
+# ------------------------------------------------------------------ f: no requeue loops
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "the config does not resolve (exit 2): not starting the ranks, not requeueing"),
+    ("data.root=/nonexistent/digits", "the trainer failed (exit 2; 2 bad input, 3 non-finite loss): not requeueing"),
+])
+def test_real_failure_is_not_requeued(cluster, override, message):
+    job_id = cluster.submit("s2mlpv2_tiny", override, "tracking.enabled=false")
+    info = cluster.wait(job_id)
+    out = cluster.output(job_id)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", out
+    assert message in out
+
+
+def test_job_at_max_requeues_stops_instead_of_requeueing(cluster, digits_root):
+    job_id = cluster.submit("s2mlpv2_tiny", f"data.root={digits_root}", "train.epochs=2", "train.log_every=1",
+                            "tracking.enabled=false", MAX_REQUEUES="0")
+    run = cluster.runs / f"s2mlpv2_tiny-{job_id}"
+    wait_for_line(run / "logs/rank0.log", r"step 2/22 ")
+    cluster.signal_batch_shell(job_id, "USR2")
+    info = cluster.wait(job_id)
+    out = cluster.output(job_id)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "85:0" and info["Restarts"] == "0", out
+    assert "after 0 requeues, MAX_REQUEUES=0: not requeueing; to resume: RUN_NAME=" in out
+    stopped = int(re.search(r"written at step (\d+); exit 85", (run / "logs/rank0.log").read_text()).group(1))
+    assert (run / "checkpoints/latest").read_text().strip() == f"step_{stopped:08d}"
+
+
+# ------------------------------------------------------------------ e: DeepSpeed's launcher, two nodes
+def test_deepspeed_hostfile_no_ssh_two_simulated_nodes(tmp_path, digits_root):
+    """`deepspeed --hostfile H --no_ssh --node_rank R`: one launcher per node, no ssh, here both on this machine."""
+    (tmp_path / "hostfile").write_text("n1 slots=1\nn2 slots=1\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    # DeepSpeed's ops compiled once into the venv (as the Makefile does), not at every run
+    env = _clean_env(TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", f"{sys.prefix}/torch_extensions"))
+    procs = [subprocess.Popen([str(deepspeed), "--hostfile", str(tmp_path / "hostfile"), "--no_ssh",
+                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "launch/train.py", "--config", "cs_mixer_tiny", f"data.root={digits_root}",
+                               f"train.output_dir={tmp_path}", "train.run_name=ds", "train.max_steps=4",
+                               "train.log_every=2", "tracking.enabled=false"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # the launcher ends its ranks on SIGTERM
+                p.wait(timeout=30)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "global_rank_mapping=defaultdict(<class 'list'>, {'n1': [0], 'n2': [1]})" in outs[0]
+    assert "[plan] cs_mixer_tiny: world size 2; batch 64/rank x accum 1 x 2 ranks = global 128" in outs[0]
+    assert re.search(r"^val_top1=[0-9.]+$", outs[0], re.M) and "val_top1=" not in outs[1]
+    assert (tmp_path / "ds/checkpoints/latest").read_text().strip() == "step_00000004"
