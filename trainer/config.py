@@ -129,6 +129,7 @@ class TrackingConfig:
     uri: str | None = None             # null: $MLFLOW_TRACKING_URI, else a local SQLite store
     experiment: str = "vision-mlp"
     system_metrics: bool = True
+    log_model: bool = True             # export the final weights (safetensors) as a run artifact
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import random
 import signal
 import sys
@@ -25,14 +26,15 @@ from tqdm import tqdm
 
 from data_pipeline import build_loaders
 from data_pipeline.augment import SoftTargetCrossEntropy
-from models import count_gmacs, count_params, create_model
+from models import count_gmacs, count_params, create_model, model_info
 
-from .checkpoint import CheckpointError, Checkpointer, check_complete, set_rng_state, to_universal
+from .checkpoint import CheckpointError, Checkpointer, check_complete, export, set_rng_state, to_universal
 from .config import ConfigError, RunConfig, plan_batch, resolved
 from .distributed import DistEnv, init_distributed
 from .ds_config import build_ds_config
 from .ema import ModelEma
 from .optim import build_optimizer, lr_at
+from .tracking import Tracker, default_uri, flatten, git_commit
 
 EXIT_PREEMPTED = 85   # checkpointed after a stop signal: requeue me
 EXIT_NONFINITE = 3    # the loss became NaN/inf
@@ -119,6 +121,31 @@ def evaluate(model, loader, env: DistEnv, dtype: torch.dtype) -> tuple[float, fl
     return 100 * top1 / n, 100 * top5 / n
 
 
+def start_tracking(cfg: RunConfig, run_dir: Path, env: DistEnv, run_id: str | None, restarts: int,
+                   step: int, log) -> Tracker:
+    """Rank 0's MLflow run: a new one, or the checkpoint's run continued with a restart tag."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(cfg.train.output_dir)
+    local = uri == default_uri(cfg.train.output_dir)
+    tracker = Tracker(uri, cfg.tracking.experiment, run_dir, run_dir.name, run_id,
+                      artifact_root=str(Path(cfg.train.output_dir).resolve() / "mlartifacts") if local else None,
+                      system_metrics=cfg.tracking.system_metrics, log=log)
+    tags = {"world_size": env.world_size, "restart_count": restarts, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+    if "SLURM_RESTART_COUNT" in os.environ:
+        tags["slurm_restart_count"] = os.environ["SLURM_RESTART_COUNT"]
+    if run_id is None:
+        info = model_info(cfg.model.name)
+        tracker.log_params(flatten(cfg.to_dict()))
+        tracker.set_tags({**tags, "model": cfg.model.name, "family": info.family, "git_commit": git_commit(),
+                          "mlflow.runName": run_dir.name})
+        for name in ("config.yaml", "deepspeed_config.json"):
+            tracker.log_artifact(run_dir / name)
+    else:
+        tracker.set_tags({**tags, f"restart_{restarts}_from_step": step})
+        for name in ("config.yaml", "deepspeed_config.json"):
+            tracker.log_artifact(run_dir / name, f"restart_{restarts}")
+    return tracker
+
+
 def train(cfg: RunConfig) -> TrainResult:
     import deepspeed
 
@@ -157,13 +184,13 @@ def train(cfg: RunConfig) -> TrainResult:
                                            config=ds_config)
     ema = ModelEma(engine.module, cfg.train.model_ema_decay) if cfg.train.model_ema else None
 
-    step, epoch, step_in_epoch, tracking_run_id = 0, 0, 0, None
+    step, epoch, step_in_epoch, tracking_run_id, restarts = 0, 0, 0, None, 0
     log = (lambda *a: print(*a, flush=True)) if env.is_main else (lambda *a: None)
     if resume:
         tag_dir, meta = resume
         engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name)
         step, epoch, step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
-        tracking_run_id = meta.get("tracking_run_id")
+        tracking_run_id, restarts = meta.get("tracking_run_id"), meta.get("restarts", 0) + 1
         rng_file = tag_dir / f"rng_rank{env.rank}.pt"
         if rng_file.is_file() and meta["world_size"] == env.world_size:
             set_rng_state(torch.load(rng_file, weights_only=False))
@@ -188,6 +215,27 @@ def train(cfg: RunConfig) -> TrainResult:
         f"{'bf16' if cfg.deepspeed.bf16 else 'fp32'} on {env.device.type}; data {cfg.data.backend}; run dir {run_dir}")
     if user_keys:
         log(f"[deepspeed] {cfg.deepspeed.config} overrides: {', '.join(user_keys)}")
+    tracker = start_tracking(cfg, run_dir, env, tracking_run_id, restarts, step, log) \
+        if env.is_main and cfg.tracking.enabled else None
+    try:
+        result = _loop(**locals())
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+    if tracker:
+        if not result.preempted and cfg.tracking.log_model and ckpt.latest():
+            tracker.log_artifact(export(ckpt.latest(), ema=False), "model")
+            if ema:
+                tracker.log_artifact(export(ckpt.latest(), ema=True), "model")
+        tracker.finish("KILLED" if result.preempted else "FINISHED")
+    return result
+
+
+def _loop(cfg, env, plan, engine, scheduler, ema, ckpt, train_loader, val_loader, steps_per_epoch, total_steps,
+          step, epoch, step_in_epoch, tracking_run_id, restarts, tracker, log, dtype, peak, train_flops,
+          **_) -> TrainResult:
+    """The steps: forward/backward/step, periodic logging, evaluation, checkpoints, stop signals."""
 
     loss_fn = SoftTargetCrossEntropy()
     stop = StopRequest()
@@ -197,7 +245,8 @@ def train(cfg: RunConfig) -> TrainResult:
     def save() -> Path:
         meta = dict(model=cfg.model.name, step=step, epoch=epoch, step_in_epoch=step_in_epoch,
                     world_size=env.world_size, zero_stage=cfg.deepspeed.zero_stage,
-                    tracking_run_id=tracking_run_id, config=cfg.to_dict())
+                    tracking_run_id=tracker.run_id if tracker else tracking_run_id, restarts=restarts,
+                    config=cfg.to_dict())
         return ckpt.save(engine, meta, ema.state_dict() if ema else None)
 
     def check_finite(bad: torch.Tensor) -> None:
@@ -239,9 +288,15 @@ def train(cfg: RunConfig) -> TrainResult:
                 dt = time.perf_counter() - t_log
                 ips = steps_logged * plan.global_batch / dt
                 mfu = f" MFU {100 * ips * train_flops / (peak * 1e12 * env.world_size):.1f}%" if peak else ""
-                log(f"epoch {epoch} step {step}/{total_steps} loss {mean_loss.item() / env.world_size / steps_logged:.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.3g} grad_norm {engine.get_global_grad_norm() or 0:.3f} "
-                    f"{ips:.0f} img/s{mfu}")
+                loss_value, lr, grad_norm = (mean_loss.item() / env.world_size / steps_logged,
+                                             scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0))
+                log(f"epoch {epoch} step {step}/{total_steps} loss {loss_value:.4f} lr {lr:.3g} "
+                    f"grad_norm {grad_norm:.3f} {ips:.0f} img/s{mfu}")
+                if tracker:
+                    tracker.log_metrics({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
+                                         "train/images_per_sec": ips, "train/epoch": epoch, **(
+                                             {"train/mfu": 100 * ips * train_flops / (peak * 1e12 * env.world_size)}
+                                             if peak else {})}, step)
                 running.zero_()
                 t_log, steps_logged = time.perf_counter(), 0
                 if stop.agreed(env.device):
@@ -268,6 +323,9 @@ def train(cfg: RunConfig) -> TrainResult:
                 result.ema_top1, ema_top5 = evaluate(ema_model, val_loader, env, torch.float32)
             line += f" | EMA top1 {result.ema_top1:.2f} top5 {ema_top5:.2f}"
         log(line)
+        if tracker:
+            tracker.log_metrics({"val/top1": result.top1, "val/top5": result.top5, **(
+                {"val/ema_top1": result.ema_top1, "val/ema_top5": ema_top5} if ema else {})}, step)
         check_finite(bad)
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0

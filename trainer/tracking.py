@@ -1,0 +1,289 @@
+"""MLflow tracking from rank 0, never a reason for training to stall.
+
+The loop hands records (metrics, params, tags, artifacts, the final status) to `Tracker`, which
+only appends them to a bounded in-memory queue. A background thread sends them with `log_batch`
+(one HTTP call per batch, not per metric). When the server is slow, down or restarting, what
+cannot be sent goes to `<run dir>/tracking_spool.jsonl` and is retried every `retry_s` seconds,
+at the end of the run, and at the next start of the run: nothing is lost, and the log says
+what was deferred. A resumed run continues the same MLflow run (its id is in the checkpoint),
+tags the restart, and drops training points at steps that run already has (an exact resume
+recomputes the same values), so no step appears twice.
+
+Default store without any setting: `sqlite:///<train.output_dir>/mlflow.db`, artifacts in
+`<train.output_dir>/mlartifacts`; `mlflow ui --backend-store-uri sqlite:///...` shows it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SPOOL = "tracking_spool.jsonl"
+TRAINING_PREFIXES = ("train/", "val/")  # keys deduplicated by step on resume
+MAX_BATCH = 1000                        # MLflow's limit of metrics per log_batch
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)[:6000]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def default_uri(output_dir: str) -> str:
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """Rank 0's MLflow run. Every public method returns at once; `finish` waits (bounded)."""
+
+    def __init__(self, uri: str, experiment: str, run_dir: Path, run_name: str, run_id: str | None,
+                 artifact_root: str | None = None, system_metrics: bool = True, retry_s: float = 10.0,
+                 queue_size: int = 10_000, log=print) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")   # a hung server costs the sender 10 s,
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # not minutes; we retry ourselves
+        self.uri, self.experiment, self.run_name, self.artifact_root = uri, experiment, run_name, artifact_root
+        self.run_id, self.resumed = run_id, run_id is not None
+        self.spool_path = run_dir / SPOOL
+        self.retry_s, self.log = retry_s, log
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.skip_until: dict[str, int] = {}
+        self.deferred = 0      # records written to the spool since it was last emptied
+        self._spool_lock = threading.Lock()
+        self._step = 0
+        self._client = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        self._sampler = None
+        if system_metrics:
+            self._sampler = threading.Thread(target=self._sample_system, name="mlflow-system", daemon=True)
+            self._sampler.start()
+
+    # ------------------------------------------------------------------ called by the training loop
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._step = step
+        now = int(time.time() * 1000)
+        self._put({"kind": "metrics", "points": [[k, float(v), now, step] for k, v in metrics.items()]})
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._put({"kind": "params", "params": params})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
+        self._put({"kind": "artifact", "path": str(Path(path).resolve()), "dir": artifact_dir})
+
+    def finish(self, status: str, timeout: float = 60.0) -> None:
+        """End the run as FINISHED, FAILED or KILLED after sending what is queued (or spooling it)."""
+        self._put({"kind": "status", "status": status})
+        self._stop.set()
+        self._thread.join(timeout)
+        if self.deferred or self._thread.is_alive():
+            self.log(f"[tracking] server {self.uri} unreachable: {self.deferred} record(s) kept in "
+                     f"{self.spool_path}; they are sent at the next start of this run, or now with "
+                     f"`python -m trainer.tracking flush {self.spool_path.parent}`")
+        elif self.run_id:
+            self.log(f"[tracking] run {self.run_id} {status}; see it with: " + (
+                f"mlflow ui --backend-store-uri {self.uri}" if self.uri.startswith("sqlite") else self.uri))
+
+    # ------------------------------------------------------------------ the sender thread
+    def _put(self, record: dict) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:  # the sender is far behind: to disk, never block the loop
+            self._spool([record])
+
+    def _spool(self, records: list[dict]) -> None:
+        with self._spool_lock, open(self.spool_path, "a") as f:
+            for r in records:
+                f.write(json.dumps({**r, "run_id": r.get("run_id") or self.run_id}) + "\n")
+            f.flush()
+        self.deferred += len(records)
+
+    def _take_spool(self) -> list[dict]:
+        with self._spool_lock:
+            if not self.spool_path.is_file():
+                return []
+            records = [json.loads(line) for line in self.spool_path.read_text().splitlines() if line.strip()]
+            self.spool_path.unlink()
+            self.deferred = 0
+            return records
+
+    def _connect(self) -> bool:
+        """Create or resume the run; False while the server cannot be reached."""
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient(self.uri)
+            if self.run_id is None:
+                exp = client.get_experiment_by_name(self.experiment)
+                exp_id = exp.experiment_id if exp else client.create_experiment(
+                    self.experiment, artifact_location=self.artifact_root)
+                self.run_id = client.create_run(exp_id, run_name=self.run_name).info.run_id
+            else:
+                client.update_run(self.run_id, status="RUNNING")
+            self._client = client
+            return True
+        except Exception as e:  # noqa: BLE001 - any failure of the server is the same to us: retry later
+            self._offline(e)
+            return False
+
+    def _offline(self, error: Exception) -> None:
+        if not getattr(self, "_warned", False):
+            self.log(f"[tracking] cannot reach {self.uri} ({type(error).__name__}: {str(error)[:160]}); "
+                     f"records go to {self.spool_path} until it is back")
+            self._warned = True
+
+    def _send(self, records: list[dict]) -> None:
+        """Send records in order, removing each from the list once the server has it; raises if
+        the server fails, leaving in `records` what it does not have yet."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = self._client
+        while records:
+            r = records[0]
+            run_id = r.get("run_id") or self.run_id
+            if r["kind"] == "metrics":
+                points = [p for p in r["points"] if not (p[0].startswith(TRAINING_PREFIXES) and
+                                                          p[3] <= self.skip_until.get(p[0], -1))]
+                for i in range(0, len(points), MAX_BATCH):
+                    client.log_batch(run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in points[i:i + MAX_BATCH]])
+            elif r["kind"] == "params":
+                items = list(r["params"].items())
+                for i in range(0, len(items), 100):
+                    client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+            elif r["kind"] == "tags":
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in r["tags"].items()])
+            elif r["kind"] == "artifact":
+                client.log_artifact(run_id, r["path"], r["dir"])
+            elif r["kind"] == "status":
+                client.set_terminated(run_id, r["status"])
+            records.pop(0)
+
+    def _learn_logged_steps(self) -> None:
+        """On resume: the last step of each training metric the run already has."""
+        run = self._client.get_run(self.run_id)
+        for key in run.data.metrics:
+            if key.startswith(TRAINING_PREFIXES):
+                history = self._client.get_metric_history(self.run_id, key)
+                self.skip_until[key] = max((m.step for m in history), default=-1)
+        if self.skip_until:
+            self.log(f"[tracking] resuming run {self.run_id}: training metrics up to step "
+                     f"{max(self.skip_until.values())} are already logged")
+
+    def _work(self, final_attempts: int = 3) -> None:
+        connected, next_try, learned, attempts = False, 0.0, not self.resumed, 0
+        while True:
+            stopping = self._stop.is_set()
+            batch = []
+            try:
+                batch.append(self.queue.get(timeout=0.5 if not stopping else 0.01))
+                while len(batch) < 256:
+                    batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            if not connected and (now >= next_try or stopping):
+                connected = self._connect()
+                next_try = now + self.retry_s
+            todo = batch
+            if connected:
+                try:
+                    if not learned:  # resumed: first what earlier attempts left (not their end status),
+                        backlog = [r for r in self._take_spool() if r["kind"] != "status"]
+                        todo = backlog + batch
+                        self._send(backlog)  # consumes backlog as it goes
+                        todo = batch
+                        self._learn_logged_steps()  # then which steps the run has
+                        learned = True
+                    todo = self._take_spool() + batch  # older records first
+                    self._send(todo)
+                except Exception as e:  # noqa: BLE001
+                    if not learned:
+                        todo = backlog + batch
+                    connected = False
+                    next_try = now + self.retry_s
+                    self._offline(e)
+            if todo:
+                self._spool(todo)
+            if stopping and self.queue.empty():
+                attempts += 1
+                if connected or attempts >= final_attempts:  # all sent, or the spool keeps the rest
+                    return
+                time.sleep(2.0)
+
+    def _sample_system(self) -> None:
+        """CPU, memory, disk, network (and GPU with pynvml) through the same queue, as system/*,
+        every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's variable; default 10)."""
+        try:
+            import logging
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id="unused")
+        except Exception as e:  # noqa: BLE001 - psutil missing: say so once, train on
+            self.log(f"[tracking] no system metrics: {e}")
+            return
+        while not self._stop.wait(monitor.sampling_interval):
+            monitor.collect_metrics()
+            metrics = monitor.aggregate_metrics()
+            for m in monitor.monitors:
+                m.clear_metrics()
+            self.log_metrics({f"system/{k}": v for k, v in metrics.items()}, self._step)
+
+
+def flush_spool(run_dir: Path, uri: str) -> int:
+    """Send a run directory's spooled records now; returns how many were sent."""
+    tracker = Tracker.__new__(Tracker)
+    tracker.uri, tracker.spool_path, tracker.run_id, tracker.skip_until = uri, run_dir / SPOOL, None, {}
+    tracker._spool_lock, tracker.deferred, tracker.log = threading.Lock(), 0, print
+    records = tracker._take_spool()
+    if not records:
+        return 0
+    from mlflow.tracking import MlflowClient
+
+    tracker._client = MlflowClient(uri)
+    try:
+        tracker._send(records)
+    except Exception:
+        tracker._spool(records)
+        raise
+    return len(records)
+
+
+def main() -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Send a run's spooled MLflow records: python -m trainer.tracking "
+                                            "flush RUN_DIR [--uri URI]")
+    p.add_argument("command", choices=["flush"])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--uri", help="default: $MLFLOW_TRACKING_URI, else the run's local store")
+    args = p.parse_args()
+    uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(str(args.run_dir.parent))
+    print(f"sent {flush_spool(args.run_dir, uri)} record(s) from {args.run_dir / SPOOL} to {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
