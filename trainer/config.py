@@ -130,6 +130,7 @@ class TrackingConfig:
     experiment: str = "vision-mlp"
     system_metrics: bool = True
     log_model: bool = True             # export the final weights (safetensors) as a run artifact
+    retry_s: float = knob(10.0, gt=0.0)  # while the server is unreachable, retry this often
 
 
 @dataclass

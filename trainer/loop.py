@@ -128,7 +128,7 @@ def start_tracking(cfg: RunConfig, run_dir: Path, env: DistEnv, run_id: str | No
     local = uri == default_uri(cfg.train.output_dir)
     tracker = Tracker(uri, cfg.tracking.experiment, run_dir, run_dir.name, run_id,
                       artifact_root=str(Path(cfg.train.output_dir).resolve() / "mlartifacts") if local else None,
-                      system_metrics=cfg.tracking.system_metrics, log=log)
+                      system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s, log=log)
     tags = {"world_size": env.world_size, "restart_count": restarts, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
     if "SLURM_RESTART_COUNT" in os.environ:
         tags["slurm_restart_count"] = os.environ["SLURM_RESTART_COUNT"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 SPOOL = "tracking_spool.jsonl"
+RUN_FILE = "tracking_run.json"  # which store, experiment and run the spool belongs to
 TRAINING_PREFIXES = ("train/", "val/")  # keys deduplicated by step on resume
 MAX_BATCH = 1000                        # MLflow's limit of metrics per log_batch
 
@@ -56,7 +57,7 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, run_dir: Path, run_name: str, run_id: str | None,
                  artifact_root: str | None = None, system_metrics: bool = True, retry_s: float = 10.0,
-                 queue_size: int = 10_000, log=print) -> None:
+                 queue_size: int = 10_000, log=print, background: bool = True) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")   # a hung server costs the sender 10 s,
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # not minutes; we retry ourselves
         self.uri, self.experiment, self.run_name, self.artifact_root = uri, experiment, run_name, artifact_root
@@ -70,9 +71,11 @@ class Tracker:
         self._step = 0
         self._client = None
         self._stop = threading.Event()
+        self._write_run_file()
+        if not background:  # flush_spool: the caller sends synchronously
+            return
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
-        self._sampler = None
         if system_metrics:
             self._sampler = threading.Thread(target=self._sample_system, name="mlflow-system", daemon=True)
             self._sampler.start()
@@ -106,6 +109,12 @@ class Tracker:
                 f"mlflow ui --backend-store-uri {self.uri}" if self.uri.startswith("sqlite") else self.uri))
 
     # ------------------------------------------------------------------ the sender thread
+    def _write_run_file(self) -> None:
+        info = dict(uri=self.uri, experiment=self.experiment, run_name=self.run_name,
+                    artifact_root=self.artifact_root, run_id=self.run_id)
+        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        (self.spool_path.parent / RUN_FILE).write_text(json.dumps(info, indent=1))
+
     def _put(self, record: dict) -> None:
         try:
             self.queue.put_nowait(record)
@@ -139,6 +148,7 @@ class Tracker:
                 exp_id = exp.experiment_id if exp else client.create_experiment(
                     self.experiment, artifact_location=self.artifact_root)
                 self.run_id = client.create_run(exp_id, run_name=self.run_name).info.run_id
+                self._write_run_file()
             else:
                 client.update_run(self.run_id, status="RUNNING")
             self._client = client
@@ -252,23 +262,27 @@ class Tracker:
             self.log_metrics({f"system/{k}": v for k, v in metrics.items()}, self._step)
 
 
-def flush_spool(run_dir: Path, uri: str) -> int:
-    """Send a run directory's spooled records now; returns how many were sent."""
-    tracker = Tracker.__new__(Tracker)
-    tracker.uri, tracker.spool_path, tracker.run_id, tracker.skip_until = uri, run_dir / SPOOL, None, {}
-    tracker._spool_lock, tracker.deferred, tracker.log = threading.Lock(), 0, print
-    records = tracker._take_spool()
-    if not records:
+def flush_spool(run_dir: Path, uri: str | None = None) -> int:
+    """Send a run directory's spooled records now (creating its MLflow run if the server was
+    never reached); returns how many were sent."""
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise SystemExit(f"error: {run_file} does not exist: {run_dir} is not a tracked run directory")
+    info = json.loads(run_file.read_text())
+    tracker = Tracker(uri or info["uri"], info["experiment"], run_dir, info["run_name"], info["run_id"],
+                      info["artifact_root"], system_metrics=False, background=False)
+    if not tracker.spool_path.is_file():
         return 0
-    from mlflow.tracking import MlflowClient
-
-    tracker._client = MlflowClient(uri)
+    if not tracker._connect():
+        raise SystemExit(f"error: cannot reach {tracker.uri}; the records stay in {tracker.spool_path}")
+    records = tracker._take_spool()
+    count = len(records)
     try:
         tracker._send(records)
-    except Exception:
-        tracker._spool(records)
-        raise
-    return len(records)
+    finally:
+        if records:  # what the server did not take goes back to the spool
+            tracker._spool(records)
+    return count
 
 
 def main() -> int:
@@ -278,10 +292,9 @@ def main() -> int:
                                             "flush RUN_DIR [--uri URI]")
     p.add_argument("command", choices=["flush"])
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--uri", help="default: $MLFLOW_TRACKING_URI, else the run's local store")
+    p.add_argument("--uri", help="default: the store the run was logging to")
     args = p.parse_args()
-    uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(str(args.run_dir.parent))
-    print(f"sent {flush_spool(args.run_dir, uri)} record(s) from {args.run_dir / SPOOL} to {uri}")
+    print(f"sent {flush_spool(args.run_dir, args.uri)} record(s) from {args.run_dir / SPOOL}")
     return 0
 
 

@@ -1,0 +1,244 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1 (stopped and restarted by PID),
+and the default local SQLite store read back with MlflowClient."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, run_script
+
+TRAIN = str(REPO / "launch/train.py")
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """One `mlflow server` (SQLite store, local artifacts) that a test can stop and start again."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port, self.proc = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(
+            [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            env=env, stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not become healthy: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its workers
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = MlflowServer(tmp_path)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def only_run(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def steps_of(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def artifacts(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += artifacts(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def train_args(tmp_path, digits_root, server, name: str, *extra: str) -> list[str]:
+    return [TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}/runs",
+            f"train.run_name={name}", f"tracking.uri={server.uri}", "tracking.experiment=t", "tracking.retry_s=1",
+            *extra]
+
+
+@pytest.mark.slow
+def test_two_process_run_logs_everything_to_the_server(tmp_path, digits_root, server):
+    result = run_script(*train_args(tmp_path, digits_root, server, "full", "train.max_steps=20", "train.log_every=5"),
+                        nproc=2, cwd=tmp_path, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = server.client()
+    run = only_run(client, "t")
+    assert run.info.status == "FINISHED" and run.info.run_name == "full"
+    params = run.data.params
+    assert params["model.name"] == "cs_mixer_tiny" and params["train.global_batch"] == "128"
+    assert params["deepspeed.zero_stage"] == "2" and len(params) > 50
+    tags = run.data.tags
+    assert tags["model"] == "cs_mixer_tiny" and tags["family"] == "cs_mixer" and tags["world_size"] == "2"
+    assert tags["restart_count"] == "0" and re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git_commit"])
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"):
+        assert steps_of(client, run.info.run_id, key) == [5, 10, 15, 20], key
+    assert steps_of(client, run.info.run_id, "val/top1") == [11, 20]  # 11 steps per epoch
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    files = artifacts(client, run.info.run_id)
+    assert "config.yaml" in files and "deepspeed_config.json" in files
+    assert "model/cs_mixer_tiny-step_00000020.safetensors" in files
+    assert f"[tracking] run {run.info.run_id} FINISHED" in result.stdout
+
+
+@pytest.mark.slow
+def test_preempt_crash_and_resume_continue_one_run_without_duplicate_steps(tmp_path, digits_root, server):
+    """Attempt 1 is stopped by SIGUSR1 (checkpoint, KILLED); attempt 2 is SIGKILLed after it logged
+    steps past its last checkpoint; attempt 3 resumes from that checkpoint and finishes."""
+    args = train_args(tmp_path, digits_root, server, "r", "train.max_steps=24", "train.log_every=1",
+                      "checkpoint.every_steps=8", "deepspeed.bf16=false")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def run_until(marker: str, sig: int) -> str:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", *args], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if marker in line:
+                if sig == signal.SIGKILL:  # the whole job dies at once, as on a node failure
+                    launcher = psutil.Process(proc.pid)
+                    for p in [*launcher.children(recursive=True), launcher]:  # workers have their own sessions
+                        p.send_signal(signal.SIGKILL)
+                else:
+                    psutil.Process(proc.pid).children()[0].send_signal(sig)
+                marker = "\0"
+        proc.wait(timeout=300)
+        return "".join(out)
+
+    first = run_until("step 4/24", signal.SIGUSR1)
+    stopped = int(re.search(r"written at step (\d+)", first).group(1))
+    client = server.client()
+    run = only_run(client, "t")
+    assert run.info.status == "KILLED"
+    second = run_until("step 10/24", signal.SIGKILL)  # checkpoint at 8; steps 9 and 10 logged after it
+    assert f"[resume] {tmp_path}/runs/r/checkpoints/step_{stopped:08d}" in second
+    third = run_script(*args, nproc=2, cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"[resume] {tmp_path}/runs/r/checkpoints/step_00000008: step 8" in third.stdout, (second[-1500:], third.stdout[-3000:])
+    run = only_run(client, "t")
+    assert run.info.status == "FINISHED" and run.data.tags["restart_count"] == "2"
+    assert "restart_1_from_step" in run.data.tags and run.data.tags["restart_2_from_step"] == "8"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 25))  # every step once
+
+
+@pytest.mark.slow
+def test_server_outage_loses_nothing_and_does_not_stop_training(tmp_path, digits_root, server):
+    """The server goes away at step 10 and comes back while training goes on; later it is down at
+    the end of a run, whose records wait in the spool until `python -m trainer.tracking flush`."""
+    args = train_args(tmp_path, digits_root, server, "o", "train.max_steps=120", "train.log_every=1",
+                      "checkpoint.every_steps=0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *args], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    out, restarted = [], False
+    for line in proc.stdout:
+        out.append(line)
+        if "step 10/120" in line and not restarted:
+            server.stop()
+            server.start()  # down for the server's start-up time (several seconds, many steps)
+            restarted = True
+    assert proc.wait(timeout=600) == 0
+    log = "".join(out)
+    assert "[tracking] cannot reach" in log
+    ips = [float(x) for x in re.findall(r" (\d+) img/s", log)]
+    print(f"img/s, steps 2-10: {sorted(ips[1:10])[4]:.0f} median; during/after the outage, steps 11-120: "
+          f"{sorted(ips[10:])[len(ips[10:]) // 2]:.0f} median")
+    client = server.client()
+    run = only_run(client, "t")
+    assert run.info.status == "FINISHED"
+    assert steps_of(client, run.info.run_id, "train/loss") == list(range(1, 121))
+    assert not (tmp_path / "runs/o/tracking_spool.jsonl").exists()
+
+    server.stop()  # down at the end of the next run
+    down = run_script(*train_args(tmp_path, digits_root, server, "d", "train.max_steps=12", "train.log_every=1",
+                                  "tracking.experiment=t2"), nproc=2, cwd=tmp_path)
+    assert down.returncode == 0, down.stderr[-3000:]
+    spool = tmp_path / "runs/d/tracking_spool.jsonl"
+    assert spool.is_file() and "kept in" in down.stdout
+    server.start()
+    flushed = run_script("-m", "trainer.tracking", "flush", str(tmp_path / "runs/d"), "--uri", server.uri)
+    assert flushed.returncode == 0, flushed.stderr[-3000:]
+    run = only_run(client, "t2")
+    assert run.info.status == "FINISHED" and steps_of(client, run.info.run_id, "train/loss") == list(range(1, 13))
+    assert "model/cs_mixer_tiny-step_00000012.safetensors" in artifacts(client, run.info.run_id)
+    assert not spool.exists()
+
+
+def test_default_local_store_opens_with_mlflow_ui_and_the_client(tmp_path, digits_root):
+    result = run_script(TRAIN, "--config", "s2mlpv2_tiny", f"data.root={digits_root}",
+                        f"train.output_dir={tmp_path}/runs", "train.run_name=local", "train.max_steps=6",
+                        "train.log_every=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    db = tmp_path / "runs/mlflow.db"
+    assert f"mlflow ui --backend-store-uri sqlite:///{db}" in result.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    run = only_run(client, "s2mlpv2")
+    assert run.info.status == "FINISHED" and steps_of(client, run.info.run_id, "train/loss") == [2, 4, 6]
+    assert "model/s2mlpv2_tiny-step_00000006.safetensors" in artifacts(client, run.info.run_id)
+    port = free_port()
+    ui = subprocess.Popen([MLFLOW, "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
+                           "--port", str(port), "--workers", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True,
+                          env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        from mlflow.tracking import MlflowClient as Client
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow ui did not start"
+                time.sleep(0.5)
+        served = Client(f"http://127.0.0.1:{port}").get_run(run.info.run_id)
+        assert served.data.metrics["train/loss"] == run.data.metrics["train/loss"]
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
