@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The one launcher every slurm/*.sbatch file ends in: `exec bash slurm/launch.sh CONFIG "$@"`, run as the
-# job's batch script. It sets up the rendezvous, starts one srun task per GPU running launch/train.py,
-# turns the batch shell's preemption signal into a checkpoint (exit 85) and requeues the job once, from
-# the batch shell, so the requeued job resumes where it stopped. See slurm/README.md.
+# The one launcher every slurm/*.sbatch file ends in (`exec bash slurm/launch.sh CONFIG "$@"`), running
+# as the job's batch script: it sets up the rendezvous, starts one srun task per GPU running
+# launch/train.py, turns the batch shell's SIGUSR2 into a checkpoint on every rank (exit 85) and then
+# requeues the job, once, from the batch shell; the requeued job resumes its run. See slurm/README.md.
 #
 # Environment: RUN_ROOT (runs), RUN_NAME (<config>-<job id>), PYTHON (.venv/bin/python, relative to the
 # repository), MAX_REQUEUES (20), DRY_RUN=1 (print the plan and the srun command, start nothing);
-# MLFLOW_TRACKING_URI and everything else of the submitting shell reach the trainer (sbatch exports it).
+# MLFLOW_TRACKING_URI and everything else of the submitting shell reach the ranks (sbatch exports it).
 #
-# Why srun with one task per GPU rather than one torchrun/deepspeed launcher per node: SLURM then knows
-# every rank. It delivers signals to each rank itself (the DeepSpeed launcher handles only SIGINT/SIGTERM,
-# so a SIGUSR2 would kill it; torchrun's agent tears its workers down on SIGTERM), ends the whole step as
-# soon as one rank fails (--kill-on-bad-exit), writes one log per rank, and gives each rank its
-# SLURM_PROCID/SLURM_LOCALID, which trainer/distributed.py reads: no second rendezvous layer.
+# srun with one task per GPU, not one torchrun/deepspeed launcher per node: SLURM then knows every rank.
+# It signals each rank itself (a SIGUSR2 kills DeepSpeed's per-node launcher and leaves its ranks
+# running; torchrun's agent does not handle it either), ends the step as soon as one rank fails
+# (--kill-on-bad-exit), writes one log per rank, and gives each rank SLURM_PROCID/SLURM_LOCALID, which
+# trainer/distributed.py reads: no second rendezvous layer.
 set -euo pipefail
 
 CONFIG=${1:?usage: launch.sh CONFIG [section.key=value ...]}
@@ -83,6 +83,8 @@ export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 # trainer/distributed.py prefers RANK/WORLD_SIZE over SLURM's variables: values leaked from the
 # submitting shell (sbatch exports its environment) would give every rank the same rank.
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
+# Without --ntasks/--ntasks-per-node srun starts one task per node: say so to the trainer's plan too.
+export SLURM_NTASKS=${SLURM_NTASKS:-${SLURM_NNODES:-1}}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 export PYTHONUNBUFFERED=1                                  # rank logs readable while it runs
 # A failed or hung collective aborts the process instead of blocking until the time limit; with
@@ -126,9 +128,12 @@ if [[ -n "${DRY_RUN:-}" ]]; then
   exit 0
 fi
 
+# srun's own messages (one line per rank that did not exit 0) go to logs/srun.log, then to this log.
+SRUN_LOG="$RUN_DIR/logs/srun.log"
+SRUN_FROM=$(($(stat -c %s "$SRUN_LOG" 2>/dev/null || echo 0) + 1))  # this segment's part of it
 if [[ -z "$STOP_SIGNAL" ]]; then
   log "starting: ${SRUN[*]} $PYTHON ${ARGS[*]}"
-  "${SRUN[@]}" "$PYTHON" "${ARGS[@]}" &
+  "${SRUN[@]}" "$PYTHON" "${ARGS[@]}" 2>>"$SRUN_LOG" &
   SRUN_PID=$!
   # `wait` returns early when a trapped signal arrives: wait again until srun has really exited.
   while :; do
@@ -136,14 +141,32 @@ if [[ -z "$STOP_SIGNAL" ]]; then
     wait "$SRUN_PID" || rc=$?
     kill -0 "$SRUN_PID" 2>/dev/null || break
   done
+  tail -c "+$SRUN_FROM" "$SRUN_LOG" >&2 || true
 else
   rc=$EXIT_PREEMPTED
+fi
+
+# srun exits with the highest task status, a task killed by signal N counting as 128+N. Once one rank
+# exits nonzero, --kill-on-bad-exit SIGTERMs the others, and one that is not handling SIGTERM (still
+# starting, or tearing down after its checkpoint) dies of it: srun says 143 whatever the cause. The
+# cause is the first rank that exited by itself, in srun's report: "n1: task 0: Exited with exit code 85"
+# (or "tasks 0-7: ..." for several).
+if ((rc > 128)); then
+  first=$(tail -c "+$SRUN_FROM" "$SRUN_LOG" |
+          sed -n 's/.* tasks\{0,1\} [0-9,-]*: Exited with exit code \([0-9]*\)$/\1/p') || true
+  first=${first%%$'\n'*}
+  if [[ -n "$first" && "$first" != 0 ]]; then
+    log "srun exited $rc: ranks were terminated after one exited $first on its own"
+    rc=$first
+  fi
 fi
 
 if [[ $rc -eq 0 ]]; then
   log "done: $(grep -a '^val_top1=' "$RUN_DIR/logs/rank0.log" | tail -n 1)"
   exit 0
 fi
+# A rank killed by SIGUSR2 itself was still starting (no handler yet): nothing lost since the last
+# checkpoint, so that counts as stopped too.
 if [[ $rc -ne $EXIT_PREEMPTED && ! ($rc -eq $SIGUSR2_DEATH && $STOP_SIGNAL == USR2) ]]; then
   log "the trainer failed (exit $rc; 2 bad input, 3 non-finite loss): not requeueing; see $RUN_DIR/logs/"
   exit "$rc"

@@ -35,7 +35,8 @@ need() {
     command -v "$b" >/dev/null || [[ -x /usr/sbin/$b ]] || missing+=("$b")
   done
   if [[ ${#missing[@]} -gt 0 ]]; then
-    echo "error: missing ${missing[*]}: install the Debian packages slurm-wlm and munge (scripts/setup_env.sh as root)" >&2
+    echo "error: missing ${missing[*]}: install the Debian packages slurm-wlm and munge" \
+      "(scripts/setup_env.sh does, as root)" >&2
     exit 1
   fi
 }
@@ -48,7 +49,7 @@ live_pid() {
   local f="$DIR/pids/$1.pid" pid
   [[ -f "$f" ]] || return 0
   pid=$(cat "$f")
-  if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$DIR/"; then
+  if [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *"$DIR/"* ]]; then
     echo "$pid"
   fi
 }
@@ -101,10 +102,13 @@ FirstJobId=$first
 MinJobAge=3600
 KillWait=10
 InactiveLimit=0
+# Listen on the configured addresses (127.0.0.1), not on every interface.
+CommunicationParameters=NoInAddrAny,NoCtldInAddrAny
 $( [[ "$gpus" -gt 0 ]] && echo "GresTypes=gpu" )
 EOF
   for node in n1 n2; do
-    echo "NodeName=$node NodeHostname=$host NodeAddr=127.0.0.1 Port=$((port_base + ${node#n})) CPUs=$cpus RealMemory=1024${gres} State=UNKNOWN" >>"$CONF"
+    echo "NodeName=$node NodeHostname=$host NodeAddr=127.0.0.1 Port=$((port_base + ${node#n}))" \
+      "CPUs=$cpus RealMemory=1024${gres} State=UNKNOWN" >>"$CONF"
   done
   echo "PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO" >>"$CONF"
   : >"$DIR/etc/plugstack.conf"  # not the system's /etc/slurm/plugstack.conf
@@ -132,7 +136,7 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   until "$@" >/dev/null 2>&1; do
     if ((SECONDS >= end)); then
       echo "error: $what not ready after ${secs}s; logs in $DIR/log/" >&2
-      tail -n 5 "$DIR"/log/*.log "$DIR"/log/*.out 2>/dev/null >&2 || true
+      tail -n 5 "$DIR"/log/*.log "$DIR"/log/*.out >&2 2>/dev/null || true
       return 1
     fi
     sleep 0.3

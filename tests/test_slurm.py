@@ -36,21 +36,23 @@ FULL_SIZE = {
 TINY = ("cs_mixer_tiny", "s2mlpv2_tiny")
 
 
-def _which(name: str) -> str | None:
-    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}",) if os.access(p, os.X_OK)), None)
+def _installed(name: str) -> bool:
+    return bool(shutil.which(name)) or os.access(f"/usr/sbin/{name}", os.X_OK)  # sbin: not on every PATH
 
 
 def _free_port_block(n: int) -> int:
     """A base port with n free ports after it, below the MASTER_PORT range launch.sh uses (20000+)."""
     for _ in range(100):
         base = random.randrange(10000, 19990)
+        socks = []
         try:
             socks = [socket.create_server(("0.0.0.0", base + i)) for i in range(n)]
+            return base
         except OSError:
             continue
-        for s in socks:
-            s.close()
-        return base
+        finally:
+            for s in socks:
+                s.close()
     raise RuntimeError("no free port block")
 
 
@@ -69,10 +71,10 @@ class Cluster:
     def env(self, **extra: str) -> dict[str, str]:
         return _clean_env(SLURM_CONF=self.conf, RUN_ROOT=str(self.runs), PYTHON=sys.executable, **extra)
 
-    def submit(self, config: str, *overrides: str, sbatch_args: tuple[str, ...] = (), **env: str) -> str:
+    def submit(self, config: str, *overrides: str, **env: str) -> str:
         """sbatch the shipped slurm/<config>.sbatch from the repository root; overrides go to the trainer."""
-        r = subprocess.run(["sbatch", "--parsable", f"--output={self.root}/slurm-%x-%j.out", *sbatch_args,
-                            f"slurm/{config}.sbatch", *overrides],
+        r = subprocess.run(["sbatch", "--parsable", f"--output={self.root}/slurm-%x-%j.out", f"slurm/{config}.sbatch",
+                            *overrides],
                            cwd=REPO, env=self.env(**env), capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         return r.stdout.strip().split(";")[0]
@@ -82,15 +84,15 @@ class Cluster:
                              text=True, timeout=30).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def wait(self, job_id: str, timeout: float = 300, restarts: int = 0) -> dict[str, str]:
-        """Poll until the job is finished (after at least `restarts` requeues)."""
+    def wait(self, job_id: str, timeout: float = 300) -> dict[str, str]:
+        """Poll until the job is finished (a requeued job is PENDING again, not finished, in between)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             info = self.job(job_id)
-            if info.get("JobState") in FINAL_STATES and int(info.get("Restarts", 0)) >= restarts:
+            if info.get("JobState") in FINAL_STATES:
                 return info
             time.sleep(1)
-        raise AssertionError(f"job {job_id} not finished after {timeout} s: {self.job(job_id)}\n{self.output(job_id)}")
+        raise AssertionError(f"job {job_id} unfinished after {timeout} s: {self.job(job_id)}\n{self.output(job_id)}")
 
     def output(self, job_id: str) -> str:
         files = list(self.root.glob(f"slurm-*-{job_id}.out"))
@@ -99,6 +101,17 @@ class Cluster:
     def signal_batch_shell(self, job_id: str, sig: str) -> None:
         """What `#SBATCH --signal=B:SIG@T` does at T seconds before the time limit, now."""
         subprocess.run(["scancel", "--batch", f"--signal={sig}", job_id], env=self.env(), check=True, timeout=30)
+
+
+def mlflow_run(uri: str, run_name: str):
+    """The one MLflow run of that name in the store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"attributes.run_name = '{run_name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
 
 
 def wait_for_line(path: Path, pattern: str, timeout: float = 180) -> str:
@@ -121,7 +134,7 @@ def module_states(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    missing = [b for b in BINARIES if not _which(b)]
+    missing = [b for b in BINARIES if not _installed(b)]
     if missing:
         pytest.fail(f"SLURM tests need {', '.join(missing)}: apt-get install slurm-wlm munge "
                     "(scripts/setup_env.sh does, as root)")
@@ -142,7 +155,8 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_jobs(cluster, digits_root):
     """Both shipped tiny sbatch files submitted at once (2 nodes each), run to completion."""
-    ids = {cfg: cluster.submit(cfg, f"data.root={digits_root}", "train.epochs=2", "tracking.enabled=false")
+    ids = {cfg: cluster.submit(cfg, f"data.root={digits_root}", "train.epochs=2",
+                               MLFLOW_TRACKING_URI=f"sqlite:///{cluster.root}/mlflow.db")
            for cfg in TINY}
     return {cfg: (job_id, cluster.wait(job_id)) for cfg, job_id in ids.items()}
 
@@ -160,6 +174,10 @@ def test_tiny_sbatch_trains_on_two_nodes(cluster, tiny_jobs, config):
     top1 = float(re.search(r"^val_top1=([0-9.]+)$", rank0, re.M).group(1))
     assert top1 > 25, rank0  # 2 epochs on digits (cs_mixer_tiny ~92 %, s2mlpv2_tiny ~35 %): above chance, 10 %
     assert f"done: val_top1={top1:.2f}" in out and "(restart 0 of at most 20)" in out
+    assert f"MLflow sqlite:///{cluster.root}/mlflow.db" in out  # the submitting shell's tracking URI arrived
+    run = mlflow_run(f"sqlite:///{cluster.root}/mlflow.db", f"{config}-{job_id}")  # ... and the ranks used it
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert run.data.tags["slurm_job_id"] == job_id and run.data.tags["slurm_restart_count"] == "0"
 
 
 def test_two_jobs_at_once_do_not_collide(cluster, tiny_jobs):
@@ -180,13 +198,13 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, digits_root):
     """SIGUSR2 to the batch shell (what `--signal=B:USR2@T` does): checkpoint, exit 85, requeue, resume; the
     final weights equal those of an uninterrupted run (fp32, same seed, same world size)."""
     common = (f"data.root={digits_root}", "train.epochs=3", "train.log_every=1", "deepspeed.bf16=false",
-              "tracking.enabled=false")
+              f"tracking.uri=sqlite:///{cluster.root}/preempt.db")
     ref = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="reference")
     cut = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="preempted")
     wait_for_line(cluster.runs / "preempted/logs/rank0.log", r"step 3/33 ")
     cluster.signal_batch_shell(cut, "USR2")
 
-    info = cluster.wait(cut, restarts=1)
+    info = cluster.wait(cut)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
         cluster.output(cut)
     assert cluster.wait(ref)["ExitCode"] == "0:0"
@@ -198,12 +216,21 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, digits_root):
     stopped = int(re.search(r"\[stop\] signal received: checkpoint \S+ written at step (\d+); exit 85", log).group(1))
     assert 3 <= stopped < 33
     assert f"[resume] {cluster.runs}/preempted/checkpoints/step_{stopped:08d}: step {stopped}" in log
-    resumed, full = step_losses(log.split("[resume]")[1]), step_losses((cluster.runs / "reference/logs/rank0.log").read_text())
+    resumed = step_losses(log.split("[resume]")[1])
+    full = step_losses((cluster.runs / "reference/logs/rank0.log").read_text())
     assert sorted(resumed) == list(range(stopped + 1, 34))
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
     a, b = module_states(cluster.runs / "reference"), module_states(cluster.runs / "preempted")
     assert (cluster.runs / "preempted/checkpoints/latest").read_text().strip() == "step_00000033"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run = mlflow_run(f"sqlite:///{cluster.root}/preempt.db", "preempted")  # one MLflow run across the requeue
+    assert run.info.status == "FINISHED" and run.data.tags["restart_count"] == "1"
+    assert run.data.tags["slurm_restart_count"] == "1" and run.data.tags["restart_1_from_step"] == str(stopped)
+    from mlflow.tracking import MlflowClient
+
+    steps = [m.step for m in MlflowClient(f"sqlite:///{cluster.root}/preempt.db").get_metric_history(
+        run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 34))
 
 
 # ------------------------------------------------------------------ c: full-size headers

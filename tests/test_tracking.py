@@ -242,3 +242,15 @@ def test_default_local_store_opens_with_mlflow_ui_and_the_client(tmp_path, digit
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+    # the run's page in headless Chromium: the metric charts are drawn (their blue lines are there)
+    png = tmp_path / "run.png"
+    shot = subprocess.run(["bash", str(REPO / "scripts/mlflow_screenshot.sh"), str(tmp_path / "runs"), "local", str(png)],
+                          capture_output=True, text=True, timeout=300)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    from PIL import Image
+
+    image = Image.open(png).convert("RGB")
+    assert image.size == (1600, 1400)
+    blue = sum(1 for r, g, b in image.crop((200, 250, 1150, 1400)).getdata() if b > 150 and b > r + 80)
+    assert blue > 1000, f"{blue} chart-line pixels: the charts did not render"

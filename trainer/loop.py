@@ -66,6 +66,12 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
+    def done(self) -> None:
+        """The stop checkpoint is written: later signals (a launcher terminating the other ranks once
+        one exited) must not turn the exit code 85 into a death by signal."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def agreed(self, device: torch.device) -> bool:
         """True on every rank if any rank was signalled (one small all-reduce)."""
         flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
@@ -149,6 +155,7 @@ def start_tracking(cfg: RunConfig, run_dir: Path, env: DistEnv, run_id: str | No
 def train(cfg: RunConfig) -> TrainResult:
     import deepspeed
 
+    stop = StopRequest()  # first: a stop signal during start-up must not kill the rank
     env = init_distributed()
     if cfg.train.model_ema and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("train.model_ema=true needs the full weights on every rank: use deepspeed.zero_stage "
@@ -233,12 +240,11 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def _loop(cfg, env, plan, engine, scheduler, ema, ckpt, train_loader, val_loader, steps_per_epoch, total_steps,
-          step, epoch, step_in_epoch, tracking_run_id, restarts, tracker, log, dtype, peak, train_flops,
+          step, epoch, step_in_epoch, tracking_run_id, restarts, tracker, log, dtype, peak, train_flops, stop,
           **_) -> TrainResult:
     """The steps: forward/backward/step, periodic logging, evaluation, checkpoints, stop signals."""
 
     loss_fn = SoftTargetCrossEntropy()
-    stop = StopRequest()
     ema_model = None
     result = TrainResult(step=step)
 
@@ -304,6 +310,7 @@ def _loop(cfg, env, plan, engine, scheduler, ema, ckpt, train_loader, val_loader
                     where = save()
                     log(f"[stop] signal received: checkpoint {where} written at step {step}; exit {EXIT_PREEMPTED}")
                     bar.close()
+                    stop.done()
                     return TrainResult(step=step, preempted=True)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                 check_finite(bad)
@@ -333,6 +340,7 @@ def _loop(cfg, env, plan, engine, scheduler, ema, ckpt, train_loader, val_loader
         if stop.agreed(env.device):
             log(f"[stop] signal received: checkpoint written at step {step}; exit {EXIT_PREEMPTED}")
             bar.close()
+            stop.done()
             return TrainResult(step=step, preempted=True)
     bar.close()
     if result.top1 is None:  # resumed a run that had already finished: report its accuracy
