@@ -34,7 +34,7 @@ from .distributed import DistEnv, init_distributed
 from .ds_config import build_ds_config
 from .ema import ModelEma
 from .optim import build_optimizer, lr_at
-from .tracking import Tracker, default_uri, flatten, git_commit
+from .tracking import Tracker, default_uri, flatten, git_commit, run_id_of
 
 EXIT_PREEMPTED = 85   # checkpointed after a stop signal: requeue me
 EXIT_NONFINITE = 3    # the loss became NaN/inf
@@ -136,8 +136,8 @@ def start_tracking(cfg: RunConfig, run_dir: Path, env: DistEnv, run_id: str | No
                       artifact_root=str(Path(cfg.train.output_dir).resolve() / "mlartifacts") if local else None,
                       system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s, log=log)
     tags = {"world_size": env.world_size, "restart_count": restarts, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
-    if "SLURM_RESTART_COUNT" in os.environ:
-        tags["slurm_restart_count"] = os.environ["SLURM_RESTART_COUNT"]
+    if "SLURM_JOB_ID" in os.environ:  # SLURM sets the count from the first requeue on
+        tags["slurm_restart_count"] = os.environ.get("SLURM_RESTART_COUNT", "0")
     if run_id is None:
         info = model_info(cfg.model.name)
         tracker.log_params(flatten(cfg.to_dict()))
@@ -222,6 +222,8 @@ def train(cfg: RunConfig) -> TrainResult:
         f"{'bf16' if cfg.deepspeed.bf16 else 'fp32'} on {env.device.type}; data {cfg.data.backend}; run dir {run_dir}")
     if user_keys:
         log(f"[deepspeed] {cfg.deepspeed.config} overrides: {', '.join(user_keys)}")
+    if resume and tracking_run_id is None:  # checkpointed before the run was created: the run file knows it
+        tracking_run_id = run_id_of(run_dir)
     tracker = start_tracking(cfg, run_dir, env, tracking_run_id, restarts, step, log) \
         if env.is_main and cfg.tracking.enabled else None
     try:

@@ -48,6 +48,14 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_id_of(run_dir: Path) -> str | None:
+    """The MLflow run id a run directory logged to, once the run was created (None before)."""
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text()).get("run_id")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def default_uri(output_dir: str) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
