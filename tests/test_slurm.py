@@ -155,7 +155,8 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_jobs(cluster, digits_root):
     """Both shipped tiny sbatch files submitted at once (2 nodes each), run to completion."""
-    ids = {cfg: cluster.submit(cfg, f"data.root={digits_root}", "train.epochs=2",
+    ids = {cfg: cluster.submit(cfg, f"data.root={digits_root}", "train.epochs=2", "aug.auto_augment=none",
+                               "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0",  # 2 epochs: learn, do not regularise
                                MLFLOW_TRACKING_URI=f"sqlite:///{cluster.root}/mlflow.db")
            for cfg in TINY}
     return {cfg: (job_id, cluster.wait(job_id)) for cfg, job_id in ids.items()}
