@@ -227,7 +227,9 @@ def train(cfg: RunConfig) -> TrainResult:
     tracker = start_tracking(cfg, run_dir, env, tracking_run_id, restarts, step, log) \
         if env.is_main and cfg.tracking.enabled else None
     try:
-        result = _loop(**locals())
+        result = _loop(cfg, env, plan, engine, scheduler, ema, ckpt, train_loader, val_loader, steps_per_epoch,
+                       total_steps, step, epoch, step_in_epoch, restarts, tracker, log, dtype, peak, train_flops,
+                       stop, tracking_run_id)
     except BaseException:
         if tracker:
             tracker.finish("FAILED")
@@ -241,9 +243,10 @@ def train(cfg: RunConfig) -> TrainResult:
     return result
 
 
-def _loop(cfg, env, plan, engine, scheduler, ema, ckpt, train_loader, val_loader, steps_per_epoch, total_steps,
-          step, epoch, step_in_epoch, tracking_run_id, restarts, tracker, log, dtype, peak, train_flops, stop,
-          **_) -> TrainResult:
+def _loop(cfg: RunConfig, env: DistEnv, plan, engine, scheduler, ema: ModelEma | None, ckpt: Checkpointer,
+          train_loader, val_loader, steps_per_epoch: int, total_steps: int, step: int, epoch: int,
+          step_in_epoch: int, restarts: int, tracker: Tracker | None, log, dtype: torch.dtype,
+          peak: float | None, train_flops: float, stop: StopRequest, tracking_run_id: str | None) -> TrainResult:
     """The steps: forward/backward/step, periodic logging, evaluation, checkpoints, stop signals."""
 
     loss_fn = SoftTargetCrossEntropy()
