@@ -221,6 +221,8 @@ def test_default_local_store_opens_with_mlflow_ui_and_the_client(tmp_path, digit
     run = only_run(client, "s2mlpv2")
     assert run.info.status == "FINISHED" and steps_of(client, run.info.run_id, "train/loss") == [2, 4, 6]
     assert "model/s2mlpv2_tiny-step_00000006.safetensors" in artifacts(client, run.info.run_id)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()  # nothing in the cwd
+    assert (tmp_path / "runs/mlartifacts").is_dir()
     port = free_port()
     ui = subprocess.Popen([MLFLOW, "ui", "--backend-store-uri", f"sqlite:///{db}", "--host", "127.0.0.1",
                            "--port", str(port), "--workers", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
@@ -252,5 +254,13 @@ def test_default_local_store_opens_with_mlflow_ui_and_the_client(tmp_path, digit
 
     image = Image.open(png).convert("RGB")
     assert image.size == (1600, 1400)
-    blue = sum(1 for r, g, b in image.crop((200, 250, 1150, 1400)).getdata() if b > 150 and b > r + 80)
+    blue = sum(1 for r, g, b in image.crop((200, 250, 1150, 1400)).get_flattened_data() if b > 150 and b > r + 80)
     assert blue > 1000, f"{blue} chart-line pixels: the charts did not render"
+
+
+def test_sqlite_stores_keep_artifacts_beside_the_database(tmp_path):
+    """Not in ./mlruns of whatever directory a job started in (it once landed in the repository)."""
+    from trainer.tracking import local_artifact_root
+
+    assert local_artifact_root(f"sqlite:///{tmp_path}/db/t.db") == str(tmp_path / "db/mlartifacts")
+    assert local_artifact_root("http://127.0.0.1:5000") is None

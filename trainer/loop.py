@@ -34,7 +34,7 @@ from .distributed import DistEnv, init_distributed
 from .ds_config import build_ds_config
 from .ema import ModelEma
 from .optim import build_optimizer, lr_at
-from .tracking import Tracker, default_uri, flatten, git_commit, run_id_of
+from .tracking import Tracker, default_uri, flatten, git_commit, local_artifact_root, run_id_of
 
 EXIT_PREEMPTED = 85   # checkpointed after a stop signal: requeue me
 EXIT_NONFINITE = 3    # the loss became NaN/inf
@@ -131,9 +131,7 @@ def start_tracking(cfg: RunConfig, run_dir: Path, env: DistEnv, run_id: str | No
                    step: int, log) -> Tracker:
     """Rank 0's MLflow run: a new one, or the checkpoint's run continued with a restart tag."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(cfg.train.output_dir)
-    local = uri == default_uri(cfg.train.output_dir)
-    tracker = Tracker(uri, cfg.tracking.experiment, run_dir, run_dir.name, run_id,
-                      artifact_root=str(Path(cfg.train.output_dir).resolve() / "mlartifacts") if local else None,
+    tracker = Tracker(uri, cfg.tracking.experiment, run_dir, run_dir.name, run_id, artifact_root=local_artifact_root(uri),
                       system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s, log=log)
     tags = {"world_size": env.world_size, "restart_count": restarts, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
     if "SLURM_JOB_ID" in os.environ:  # SLURM sets the count from the first requeue on

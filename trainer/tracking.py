@@ -56,6 +56,14 @@ def run_id_of(run_dir: Path) -> str | None:
         return None
 
 
+def local_artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store go next to its file (MLflow's default, ./mlruns, would land in
+    whatever directory the job started in); a server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts")
+    return None
+
+
 def default_uri(output_dir: str) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
@@ -258,7 +266,7 @@ class Tracker:
             logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            monitor = SystemMetricsMonitor(run_id="unused")
+            monitor = SystemMetricsMonitor(run_id="unused", tracking_uri=self.uri)  # else it opens ./mlflow.db
         except Exception as e:  # noqa: BLE001 - psutil missing: say so once, train on
             self.log(f"[tracking] no system metrics: {e}")
             return
