@@ -233,10 +233,10 @@ def train(cfg: RunConfig) -> TrainResult:
             tracker.finish("FAILED")
         raise
     if tracker:
-        if not result.preempted and cfg.tracking.log_model and ckpt.latest():
-            tracker.log_artifact(export(ckpt.latest(), ema=False), "model")
-            if ema:
-                tracker.log_artifact(export(ckpt.latest(), ema=True), "model")
+        last = ckpt.latest()
+        if not result.preempted and cfg.tracking.log_model and last:
+            for weights_ema in ([False, True] if ema else [False]):
+                tracker.log_artifact(export(last, ema=weights_ema), "model")
         tracker.finish("KILLED" if result.preempted else "FINISHED")
     return result
 
@@ -296,16 +296,16 @@ def _loop(cfg: RunConfig, env: DistEnv, plan, engine, scheduler, ema: ModelEma |
                 dist.all_reduce(mean_loss)
                 dt = time.perf_counter() - t_log
                 ips = steps_logged * plan.global_batch / dt
-                mfu = f" MFU {100 * ips * train_flops / (peak * 1e12 * env.world_size):.1f}%" if peak else ""
+                mfu_pct = 100 * ips * train_flops / (peak * 1e12 * env.world_size) if peak else None
+                mfu = f" MFU {mfu_pct:.1f}%" if peak else ""
                 loss_value, lr, grad_norm = (mean_loss.item() / env.world_size / steps_logged,
                                              scheduler.get_last_lr()[0], float(engine.get_global_grad_norm() or 0))
                 log(f"epoch {epoch} step {step}/{total_steps} loss {loss_value:.4f} lr {lr:.3g} "
                     f"grad_norm {grad_norm:.3f} {ips:.0f} img/s{mfu}")
                 if tracker:
                     tracker.log_metrics({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
-                                         "train/images_per_sec": ips, "train/epoch": epoch, **(
-                                             {"train/mfu": 100 * ips * train_flops / (peak * 1e12 * env.world_size)}
-                                             if peak else {})}, step)
+                                         "train/images_per_sec": ips, "train/epoch": epoch,
+                                         **({"train/mfu": mfu_pct} if peak else {})}, step)
                 running.zero_()
                 t_log, steps_logged = time.perf_counter(), 0
                 if stop.agreed(env.device):

@@ -86,6 +86,7 @@ class Tracker:
         self._spool_lock = threading.Lock()
         self._step = 0
         self._client = None
+        self._offline_since: float | None = None  # set while the server cannot be reached
         self._stop = threading.Event()
         self._write_run_file()
         if not background:  # flush_spool: the caller sends synchronously
@@ -93,8 +94,7 @@ class Tracker:
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
         if system_metrics:
-            self._sampler = threading.Thread(target=self._sample_system, name="mlflow-system", daemon=True)
-            self._sampler.start()
+            threading.Thread(target=self._sample_system, name="mlflow-system", daemon=True).start()
 
     # ------------------------------------------------------------------ called by the training loop
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -174,10 +174,10 @@ class Tracker:
             return False
 
     def _offline(self, error: Exception) -> None:
-        if not getattr(self, "_warned", False):
+        if self._offline_since is None:
+            self._offline_since = time.monotonic()
             self.log(f"[tracking] cannot reach {self.uri} ({type(error).__name__}: {str(error)[:160]}); "
                      f"records go to {self.spool_path} until it is back")
-            self._warned = True
 
     def _send(self, records: list[dict]) -> None:
         """Send records in order, removing each from the list once the server has it; raises if
@@ -241,8 +241,13 @@ class Tracker:
                         todo = batch
                         self._learn_logged_steps()  # then which steps the run has
                         learned = True
-                    todo = self._take_spool() + batch  # older records first
+                    backlog = self._take_spool()  # older records first
+                    todo = backlog + batch
                     self._send(todo)
+                    if self._offline_since is not None:
+                        self.log(f"[tracking] {self.uri} is back after {time.monotonic() - self._offline_since:.0f} s: "
+                                 f"sent {len(backlog)} deferred record(s)")
+                        self._offline_since = None
                 except Exception as e:  # noqa: BLE001
                     if not learned:
                         todo = backlog + batch
