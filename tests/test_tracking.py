@@ -264,3 +264,31 @@ def test_sqlite_stores_keep_artifacts_beside_the_database(tmp_path):
 
     assert local_artifact_root(f"sqlite:///{tmp_path}/db/t.db") == str(tmp_path / "db/mlartifacts")
     assert local_artifact_root("http://127.0.0.1:5000") is None
+
+
+CONCURRENT_CONNECT = """
+import sys, time
+from pathlib import Path
+from trainer.tracking import Tracker
+uri, run_dir, start = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+tracker = Tracker(uri, "shared", run_dir, run_dir.name, None, system_metrics=False, background=False,
+                  log=lambda *a: print(*a, file=sys.stderr))
+time.sleep(max(0.0, start - time.time()))
+sys.exit(0 if tracker._connect() else 1)
+"""
+
+
+def test_jobs_opening_a_new_sqlite_store_at_once_all_get_their_run(tmp_path):
+    """Two SLURM jobs once created the same new store together and left it half-migrated."""
+    script = tmp_path / "connect.py"
+    script.write_text(CONCURRENT_CONNECT)
+    uri, start = f"sqlite:///{tmp_path}/store/mlflow.db", time.time() + 8  # all imports done by then
+    procs = [subprocess.Popen([sys.executable, str(script), uri, str(tmp_path / f"run{i}"), str(start)], cwd=REPO,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["run0", "run1", "run2", "run3"]

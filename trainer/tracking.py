@@ -14,6 +14,8 @@ Default store without any setting: `sqlite:///<train.output_dir>/mlflow.db`, art
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
@@ -62,6 +64,24 @@ def local_artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return str(Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts")
     return None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Serialise opening a SQLite store across processes: MLflow creates and migrates a new
+    database on first open, and two jobs doing that at once leave it half-migrated ("table
+    _alembic_tmp_experiments already exists"). A server needs no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def default_uri(output_dir: str) -> str:
@@ -158,20 +178,30 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         try:
-            client = MlflowClient(self.uri)
-            if self.run_id is None:
-                exp = client.get_experiment_by_name(self.experiment)
-                exp_id = exp.experiment_id if exp else client.create_experiment(
-                    self.experiment, artifact_location=self.artifact_root)
-                self.run_id = client.create_run(exp_id, run_name=self.run_name).info.run_id
-                self._write_run_file()
-            else:
-                client.update_run(self.run_id, status="RUNNING")
+            with store_lock(self.uri):
+                client = MlflowClient(self.uri)
+                if self.run_id is None:
+                    self.run_id = client.create_run(self._experiment_id(client), run_name=self.run_name).info.run_id
+                    self._write_run_file()
+                else:
+                    client.update_run(self.run_id, status="RUNNING")
             self._client = client
             return True
         except Exception as e:  # noqa: BLE001 - any failure of the server is the same to us: retry later
             self._offline(e)
             return False
+
+    def _experiment_id(self, client) -> str:
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp:
+            return exp.experiment_id
+        try:
+            return client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        except Exception:  # another job created it meanwhile
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def _offline(self, error: Exception) -> None:
         if self._offline_since is None:
