@@ -23,6 +23,25 @@ from .sharding import batch_seed
 __all__ = ["DataError", "Loader", "build_loaders", "write_digits"]
 
 
+INSTALL_HINTS = {
+    "ffcv": "it builds from source against Debian's libturbojpeg0-dev libopencv-dev pkg-config: install those, "
+            "then `pip install --no-build-isolation ffcv==1.0.2` (`make test` or `make demo` does both as root)",
+    "nvidia.dali": "`pip install nvidia-dali-cuda130` (the wheel for your CUDA major version; it also runs "
+                   "DALI's CPU mode)",
+}
+
+
+def require(module: str, backend: str) -> None:
+    """A missing optional library is a configuration problem: say so before any loader starts."""
+    from .ffcv_source import torch_threads_kept  # importing ffcv changes torch's thread count
+    try:
+        with torch_threads_kept():
+            __import__(module)
+    except ImportError as e:
+        raise DataError(f"data.backend={backend} needs the {module} package, which cannot be imported ({e}): "
+                        f"{INSTALL_HINTS[module]}") from None
+
+
 Stage = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -119,6 +138,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
         normalized = False
     elif d.backend == "ffcv":
+        require("ffcv", "ffcv")
         from .ffcv_source import FfcvSource
         common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
                       img_size=size, device=device, num_classes=cfg.model.num_classes)
@@ -128,6 +148,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         val_src = FfcvSource(d.root, "val", train=False, crop_pct=crop_pct,
                              normalize=(info.mean, info.std) if normalized else None, **common)
     elif d.backend == "dali":
+        require("nvidia.dali", "dali")
         from .dali_source import DaliSource
         common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
                       img_size=size, device=device, num_classes=cfg.model.num_classes, mean=info.mean,

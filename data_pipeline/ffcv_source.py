@@ -9,12 +9,26 @@ Order and sharding are ours (data_pipeline/sharding.py), so a run can be positio
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import DataError
+
+
+@contextmanager
+def torch_threads_kept():
+    """FFCV sets torch's CPU thread count on import (to 1), and to its worker count when a Loader is
+    built and at every epoch (ffcv/pipeline/compiler.py). Left alone, data.workers would silently
+    become the training's compute threads: measured here, a 1-thread model step was half as fast."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def beton_path(root: str | Path, split: str) -> Path:
@@ -38,10 +52,11 @@ class FfcvSource:
                  normalize: tuple | None = None) -> None:
         """normalize=(mean, std): normalise inside FFCV's compiled pipeline and emit floats (the fast
         path on a CPU when nothing needs the uint8 batch); None: emit uint8 for the device stage."""
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
-        from ffcv.loader import Loader, OrderOption
-        from ffcv.reader import Reader
-        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+        with torch_threads_kept():
+            from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+            from ffcv.loader import Loader, OrderOption
+            from ffcv.reader import Reader
+            from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         from .sharding import train_shard, val_shard
 
@@ -71,9 +86,10 @@ class FfcvSource:
             label_ops.append(ToDevice(device, non_blocking=True))
         # NCHW shape over channels-last memory: a view, no copy (channels_last=False would copy every batch).
         image_ops.append(ToTorchImage(channels_last=True))
-        self.loader = Loader(str(path), batch_size=batch_size, num_workers=max(1, workers),
-                             order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True,
-                             pipelines={"image": image_ops, "label": label_ops})
+        with torch_threads_kept():
+            self.loader = Loader(str(path), batch_size=batch_size, num_workers=max(1, workers),
+                                 order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True,
+                                 pipelines={"image": image_ops, "label": label_ops})
         self.order = _Order(order_fn, batch_size)
         self.loader.traversal_order = self.order
         self.batches_per_epoch = -(-len(order_fn(0)) // batch_size)
@@ -81,4 +97,5 @@ class FfcvSource:
     def batches(self, epoch: int, start_step: int):
         self.order.start = start_step
         self.loader.next_epoch = epoch
-        return iter(self.loader)
+        with torch_threads_kept():
+            return iter(self.loader)

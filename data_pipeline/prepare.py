@@ -95,8 +95,10 @@ class _RgbSamples:
 
 
 def write_ffcv(samples, out: Path, max_side: int, quality: int, compress_fraction: float, workers: int) -> None:
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    from .ffcv_source import torch_threads_kept
+    with torch_threads_kept():
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
 
     out.mkdir(parents=True, exist_ok=True)
     for split, (items, _) in samples.items():

@@ -3,7 +3,10 @@
     python launch/bench_model.py --model cs_mixer_t --batch 32 [--model s2mlpv2_small ...] [--json out.json]
 
 On a GPU it runs in bf16 autocast (add --compile for torch.compile) and times with CUDA events;
-on a CPU in fp32 unless --bf16. A benchmark, not a test: it prints figures and asserts nothing.
+on a CPU in fp32 unless --bf16. Also printed: the activation memory autograd keeps per image for
+the backward pass (bytes of the tensors saved by the forward, batch 2 minus batch 1, in the run's
+precision; eager mode), which with the ZeRO state sets the GPU memory a batch needs. A benchmark,
+not a test: it prints figures and asserts nothing.
 """
 from __future__ import annotations
 
@@ -17,11 +20,29 @@ import torch
 from models import count_gmacs, create_model, model_info
 
 
+def activation_mb_per_image(model: torch.nn.Module, size: int, bf16: bool, device: torch.device) -> float:
+    """Bytes autograd saves for backward, per image: the slope between batch 1 and 2 (weights cancel out)."""
+    def saved_bytes(batch: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(batch, 3, size, size, device=device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(x)
+        return sum(storages.values())
+    return (saved_bytes(2) - saved_bytes(1)) / 2**20
+
+
 def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: bool,
           device: torch.device, img_size: int | None) -> dict:
     size = img_size or model_info(name).img_size
     model = create_model(name, img_size=size).to(device)
     gmacs = count_gmacs(model, size)
+    act_mb = activation_mb_per_image(model, size, bf16, device)
     step_model = torch.compile(model) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -54,7 +75,8 @@ def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: 
     ips = batch * steps / seconds
     # forward+backward = 3x the forward MACs, 2 FLOPs per MAC
     return dict(model=name, img_size=size, batch=batch, bf16=bf16, compile=compile_, device=str(device),
-                images_per_s=round(ips, 1), tflops=round(ips * gmacs * 3 * 2 / 1e3, 3))
+                images_per_s=round(ips, 1), tflops=round(ips * gmacs * 3 * 2 / 1e3, 3),
+                activation_mb_per_image=round(act_mb, 1))
 
 
 def main() -> None:
@@ -72,13 +94,14 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     rows = []
-    print(f"{'model':<16}{'size':>5}{'batch':>6}{'dtype':>6}{'compile':>8}{'img/s':>10}{'TFLOP/s':>9}")
+    print(f"{'model':<16}{'size':>5}{'batch':>6}{'dtype':>6}{'compile':>8}{'img/s':>10}{'TFLOP/s':>9}{'act MB/img':>11}")
     for name in args.model or ["cs_mixer_t"]:
         for batch in args.batch or [32]:
             r = bench(name, batch, args.steps, args.warmup, bf16, args.compile, device, args.img_size)
             rows.append(r)
             print(f"{name:<16}{r['img_size']:>5}{batch:>6}{'bf16' if bf16 else 'fp32':>6}"
-                  f"{str(args.compile):>8}{r['images_per_s']:>10.1f}{r['tflops']:>9.3f}", flush=True)
+                  f"{str(args.compile):>8}{r['images_per_s']:>10.1f}{r['tflops']:>9.3f}"
+                  f"{r['activation_mb_per_image']:>11.1f}", flush=True)
     env = dict(torch=torch.__version__, python=platform.python_version(), host=platform.node(),
                device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))

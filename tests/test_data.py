@@ -2,6 +2,8 @@
 the shared sharding, positioning, and data preparation with its bad-input handling."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -158,6 +160,19 @@ print("batch", tuple(images.shape))
     assert "batch (8, 3, 32, 32)" in proc.stdout
 
 
+def test_ffcv_leaves_the_training_thread_count_alone(jpeg_root):
+    """FFCV sets torch's thread count to its worker count on import, Loader and every epoch."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        train, val = build_loaders(make_cfg(jpeg_root, "ffcv", **{"data.workers": 2}), 0, 1, torch.device("cpu"))
+        assert torch.get_num_threads() == 3
+        assert labels_of(train) and labels_of(val)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_backend_settings_fail_clearly(jpeg_root, tmp_path):
     with pytest.raises(DataError, match="has 4 classes but model.num_classes=10"):
         build_loaders(make_cfg(jpeg_root, "folder", **{"model.num_classes": 10}), 0, 1, torch.device("cpu"))
@@ -168,6 +183,13 @@ def test_bad_backend_settings_fail_clearly(jpeg_root, tmp_path):
     with pytest.raises(DataError, match="even per-rank batch"):
         build_loaders(make_cfg(jpeg_root, "folder", **{"train.batch_size": 7, "aug.mixup": 0.8}), 0, 1,
                       torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend, module", [("ffcv", "ffcv"), ("dali", "nvidia.dali")])
+def test_a_missing_backend_library_is_named_with_how_to_install_it(jpeg_root, monkeypatch, backend, module):
+    monkeypatch.setitem(sys.modules, module, None)  # what `import` sees when the package is not installed
+    with pytest.raises(DataError, match=rf"data.backend={backend} needs the {module} package.*pip install"):
+        build_loaders(make_cfg(jpeg_root, backend), 0, 1, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -234,3 +256,21 @@ def test_data_benchmark_runs_every_backend(jpeg_root):
                          "bare DALI pipeline"}
     assert all(r["images_per_s"] > 0 and r["images"] > 0 for r in rows.values())
     assert rows["folder (Pillow)"]["ratio_to_folder"] == 1.0
+
+
+def test_end_to_end_benchmark_trains_with_every_backend(jpeg_root, tmp_path):
+    out = tmp_path / "e2e.json"
+    result = run_script(str(REPO / "launch/bench_e2e.py"), "--model", "cs_mixer_tiny", "--root", str(jpeg_root),
+                        "--ffcv-root", str(jpeg_root), "--batch", "8", "--steps", "4", "--log-every", "2",
+                        "--workers", "1", "--out", str(tmp_path / "runs"), "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+    report = json.loads(out.read_text())
+    rows = {r["backend"]: r for r in report["rows"]}
+    assert list(rows) == ["synthetic", "folder", "ffcv", "dali"]
+    assert all(r["images_per_s"] > 0 for r in rows.values())  # the loop's steady-state figure was measured
+    assert rows["synthetic"]["share_of_synthetic"] == 1.0
+    assert rows["dali"]["share_of_synthetic"] == round(rows["dali"]["images_per_s"] / rows["synthetic"]["images_per_s"], 3)
+    assert report["setup"]["model"] == "cs_mixer_tiny" and report["env"]["ffcv"] == "1.0.2"
+    assert "share of synthetic" in result.stdout
+    assert not list((tmp_path / "runs").iterdir())  # each row's run was removed

@@ -23,7 +23,7 @@ def commands() -> list[tuple[str, str]]:
     for doc in DOCS:
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
             for line in block.replace("\\\n", " ").splitlines():
-                line = line.split(" #")[0].strip()
+                line = re.sub(r"^([A-Z_]+=\S*\s+)+", "", line.split(" #")[0].strip())  # env settings
                 if line.startswith(PROGRAMS):
                     found.append((doc.name, line))
     return found

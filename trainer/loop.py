@@ -53,6 +53,9 @@ class TrainResult:
     top5: float | None = None
     ema_top1: float | None = None
     preempted: bool = False
+    # steady-state training speed: images/s over the log windows after the run's first (which holds
+    # start-up: loader workers, FFCV's compile, DALI's build); None with fewer than two windows
+    images_per_sec: float | None = None
 
 
 class StopRequest:
@@ -270,6 +273,8 @@ def _loop(cfg: RunConfig, env: DistEnv, plan, engine, scheduler, ema: ModelEma |
     bar = tqdm(total=total_steps, initial=step, disable=not (env.is_main and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True)
     t_log, steps_logged = time.perf_counter(), 0
+    windows, steady_images, steady_s = 0, 0, 0.0
+
     while step < total_steps:
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
@@ -296,6 +301,9 @@ def _loop(cfg: RunConfig, env: DistEnv, plan, engine, scheduler, ema: ModelEma |
                 dist.all_reduce(mean_loss)
                 dt = time.perf_counter() - t_log
                 ips = steps_logged * plan.global_batch / dt
+                if windows:
+                    steady_images, steady_s = steady_images + steps_logged * plan.global_batch, steady_s + dt
+                windows += 1
                 mfu_pct = 100 * ips * train_flops / (peak * 1e12 * env.world_size) if peak else None
                 mfu = f" MFU {mfu_pct:.1f}%" if peak else ""
                 loss_value, lr, grad_norm = (mean_loss.item() / env.world_size / steps_logged,
@@ -317,9 +325,12 @@ def _loop(cfg: RunConfig, env: DistEnv, plan, engine, scheduler, ema: ModelEma |
                     return TrainResult(step=step, preempted=True)
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                 check_finite(bad)
+                t_pause = time.perf_counter()
                 save()
+                t_log += time.perf_counter() - t_pause  # checkpoints are not counted in img/s
             if step >= total_steps or step_in_epoch >= steps_per_epoch:
                 break
+        t_pause = time.perf_counter()
         engine.eval()
         result.top1, result.top5 = evaluate(engine, val_loader, env, dtype)
         line = f"epoch {epoch} step {step} val top1 {result.top1:.2f} top5 {result.top5:.2f}"
@@ -340,12 +351,14 @@ def _loop(cfg: RunConfig, env: DistEnv, plan, engine, scheduler, ema: ModelEma |
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         save()
+        t_log += time.perf_counter() - t_pause  # evaluation and the checkpoint are not training time
         if stop.agreed(env.device):
             log(f"[stop] signal received: checkpoint written at step {step}; exit {EXIT_PREEMPTED}")
             bar.close()
             stop.done()
             return TrainResult(step=step, preempted=True)
     bar.close()
+    result.images_per_sec = steady_images / steady_s if steady_s else None
     if result.top1 is None:  # resumed a run that had already finished: report its accuracy
         engine.eval()
         result.top1, result.top5 = evaluate(engine, val_loader, env, dtype)
