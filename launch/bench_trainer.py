@@ -48,7 +48,7 @@ def ds_engine(model, stage: int, bf16: bool, batch: int, world: int, ds_json: st
     return engine
 
 
-def batch_for(name: str, batch: int, size: int, device, seed: int):
+def batch_for(batch: int, size: int, device, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, size, size, generator=g).to(device)
     y = torch.nn.functional.one_hot(torch.randint(0, 1000, (batch,), generator=g), 1000).float().to(device)
@@ -57,7 +57,7 @@ def batch_for(name: str, batch: int, size: int, device, seed: int):
 
 def overhead(args, env) -> dict:
     size = args.img_size or model_info(args.model).img_size
-    x, y = batch_for(args.model, args.batch, size, env.device, env.rank)
+    x, y = batch_for(args.batch, size, env.device, env.rank)
     loss_fn = SoftTargetCrossEntropy()
     torch.manual_seed(0)
     plain = create_model(args.model, img_size=size).to(env.device)
@@ -117,7 +117,7 @@ def live_tensor_bytes() -> int:
 
 def memory(args, env) -> dict:
     size = args.img_size or model_info(args.model).img_size
-    x, y = batch_for(args.model, args.batch, size, env.device, env.rank)
+    x, y = batch_for(args.batch, size, env.device, env.rank)
     loss_fn = SoftTargetCrossEntropy()
     n_params = count_params(create_model(args.model, img_size=size))
     dtype = torch.bfloat16 if args.bf16 else torch.float32

@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,7 @@ def test_command_exists_and_parses(doc, command):
         assert (REPO / script).is_file(), f"{script} does not exist"
     elif program == "mlflow":
         assert words[1] in ("ui", "server")
+        help_text = subprocess.run([str(Path(sys.executable).parent / "mlflow"), words[1], "--help"], capture_output=True,
+                                   text=True).stdout
+        for flag in (w for w in words[2:] if w.startswith("--")):
+            assert flag in help_text, f"mlflow {words[1]}: no option {flag}"
