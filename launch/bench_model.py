@@ -3,10 +3,11 @@
     python launch/bench_model.py --model cs_mixer_t --batch 32 [--model s2mlpv2_small ...] [--json out.json]
 
 On a GPU it runs in bf16 autocast (add --compile for torch.compile) and times with CUDA events;
-on a CPU in fp32 unless --bf16. Also printed: the activation memory autograd keeps per image for
-the backward pass (bytes of the tensors saved by the forward, batch 2 minus batch 1, in the run's
-precision; eager mode), which with the ZeRO state sets the GPU memory a batch needs. A benchmark,
-not a test: it prints figures and asserts nothing.
+on a CPU in fp32 unless --bf16. MFU is against the device's dense-matmul rate, measured at the
+start in the same precision (forward+backward counted as 3x the forward MACs). Also printed: the
+activation memory autograd keeps per image for the backward pass (bytes of the tensors saved by
+the forward, batch 2 minus batch 1, in the run's precision; eager mode), which with the ZeRO state
+sets the GPU memory a batch needs. A benchmark, not a test: it prints figures, asserts nothing.
 """
 from __future__ import annotations
 
@@ -18,6 +19,25 @@ import time
 import torch
 
 from models import count_gmacs, create_model, model_info
+
+
+def matmul_peak_tflops(device: torch.device, bf16: bool) -> float:
+    """The device's measured dense-matmul rate in the run's precision (best of several square matmuls):
+    the denominator of MFU, rather than a spec-sheet figure the device may never reach."""
+    n, reps = (8192, 10) if device.type == "cuda" else (2048, 3)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = 0.0
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
+    return best
 
 
 def activation_mb_per_image(model: torch.nn.Module, size: int, bf16: bool, device: torch.device) -> float:
@@ -94,17 +114,21 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     rows = []
-    print(f"{'model':<16}{'size':>5}{'batch':>6}{'dtype':>6}{'compile':>8}{'img/s':>10}{'TFLOP/s':>9}{'act MB/img':>11}")
+    peak = matmul_peak_tflops(device, bf16)
+    print(f"{device}: measured {'bf16' if bf16 else 'fp32'} matmul peak {peak:.3f} TFLOP/s (the MFU denominator)")
+    print(f"{'model':<16}{'size':>5}{'batch':>6}{'dtype':>6}{'compile':>8}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+          f"{'act MB/img':>11}")
     for name in args.model or ["cs_mixer_t"]:
         for batch in args.batch or [32]:
             r = bench(name, batch, args.steps, args.warmup, bf16, args.compile, device, args.img_size)
+            r["mfu_pct"] = round(100 * r["tflops"] / peak, 1)
             rows.append(r)
             print(f"{name:<16}{r['img_size']:>5}{batch:>6}{'bf16' if bf16 else 'fp32':>6}"
-                  f"{str(args.compile):>8}{r['images_per_s']:>10.1f}{r['tflops']:>9.3f}"
+                  f"{str(args.compile):>8}{r['images_per_s']:>10.1f}{r['tflops']:>9.3f}{r['mfu_pct']:>6.1f}%"
                   f"{r['activation_mb_per_image']:>11.1f}", flush=True)
     env = dict(torch=torch.__version__, python=platform.python_version(), host=platform.node(),
                device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"))
+               threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), matmul_peak_tflops=round(peak, 3))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, rows=rows), f, indent=1)

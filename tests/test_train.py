@@ -80,8 +80,13 @@ def test_model_benchmark_prints_and_writes_json(tmp_path):
     result = run_script(str(REPO / "launch/bench_model.py"), "--model", "cs_mixer_tiny", "--batch", "4",
                         "--steps", "2", "--warmup", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr
-    row = json.loads(out.read_text())["rows"][0]
+    report = json.loads(out.read_text())
+    row = report["rows"][0]
     assert row["model"] == "cs_mixer_tiny" and row["batch"] == 4 and row["images_per_s"] > 0
+    assert report["env"]["matmul_peak_tflops"] > 0 and 0 < row["mfu_pct"]
+    assert row["mfu_pct"] == round(100 * row["tflops"] / report["env"]["matmul_peak_tflops"], 1)
+    # saved activations of the tiny model at 32 px, fp32: a few hundred KB per image, not 0, not weights
+    assert 0.05 < row["activation_mb_per_image"] < 5
     assert "cs_mixer_tiny" in result.stdout
 
 
