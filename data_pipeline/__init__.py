@@ -107,9 +107,11 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None = None) -> tuple[Loader, Loader]:
+def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None = None,
+                  train: bool = True) -> tuple[Loader | None, Loader]:
     """(train, val) loaders for `cfg.data.backend`, sharded for this rank. `cfg` is resolved
-    (trainer.config.resolved): train.batch_size is the per-rank batch."""
+    (trainer.config.resolved): train.batch_size is the per-rank batch. train=False builds the val
+    loader only (None for train), so evaluation needs only ROOT/val (or val.beton)."""
     device = device or default_device()
     info = model_info(cfg.model.name)
     d, bs, seed, size = cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.model.img_size
@@ -126,15 +128,17 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         raise DataError(f"data.root is not set: data.backend={d.backend} needs the dataset's folder")
     elif d.backend == "folder":
         from .folder import FolderSource, check_same_classes, scan_split
-        train_samples, train_classes = scan_split(d.root, "train")
         val_samples, val_classes = scan_split(d.root, "val")
-        check_same_classes(d.root, train_classes, val_classes)
-        if len(train_classes) != cfg.model.num_classes:
-            raise DataError(f"data.root {d.root} has {len(train_classes)} classes but model.num_classes="
+        if train:
+            train_samples, train_classes = scan_split(d.root, "train")
+            check_same_classes(d.root, train_classes, val_classes)
+        if len(val_classes) != cfg.model.num_classes:
+            raise DataError(f"data.root {d.root} has {len(val_classes)} classes but model.num_classes="
                             f"{cfg.model.num_classes}")
         common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
                       img_size=size, interpolation=d.interpolation)
-        train_src = FolderSource(train_samples, train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip, **common)
+        train_src = FolderSource(train_samples, train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
+                                 **common) if train else None
         val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
         normalized = False
     elif d.backend == "ffcv":
@@ -144,7 +148,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
                       img_size=size, device=device, num_classes=cfg.model.num_classes)
         normalized = device.type == "cpu" and cfg.aug.auto_augment == "none"
         train_src = FfcvSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
-                               normalize=(info.mean, info.std) if normalized else None, **common)
+                               normalize=(info.mean, info.std) if normalized else None, **common) if train else None
         val_src = FfcvSource(d.root, "val", train=False, crop_pct=crop_pct,
                              normalize=(info.mean, info.std) if normalized else None, **common)
     elif d.backend == "dali":
@@ -154,7 +158,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
                       img_size=size, device=device, num_classes=cfg.model.num_classes, mean=info.mean,
                       std=info.std, interpolation=d.interpolation)
         train_src = DaliSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
-                               auto_augment=cfg.aug.auto_augment, **common)
+                               auto_augment=cfg.aug.auto_augment, **common) if train else None
         val_src = DaliSource(d.root, "val", train=False, crop_pct=crop_pct, **common)
         normalized = True
     else:
@@ -162,7 +166,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
     val_stage = (lambda images, labels, seed: (images, labels)) if normalized else \
         _val_stage(info.mean, info.std, device)
     mixup_until = cfg.train.epochs - cfg.aug.mixup_off_epoch if cfg.aug.mixup_off_epoch else None
-    train = Loader(train_src, _train_stage(cfg, info.mean, info.std, device, normalized, augment=d.backend != "synthetic"), device, seed, rank,
-                   mixup_until)
-    val = Loader(val_src, val_stage, device, seed, rank)
-    return train, val
+    train_loader = Loader(train_src, _train_stage(cfg, info.mean, info.std, device, normalized,
+                                                  augment=d.backend != "synthetic"), device, seed, rank,
+                          mixup_until) if train else None
+    return train_loader, Loader(val_src, val_stage, device, seed, rank)

@@ -49,9 +49,13 @@ class DaliSource:
                  interpolation: str = "bicubic", scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5,
                  auto_augment: str = "none", crop_pct: float = 0.875) -> None:
         samples, classes = scan_split(root, split)
-        other, other_classes = scan_split(root, "val" if split == "train" else "train")
-        check_same_classes(root, classes if split == "train" else other_classes,
-                           other_classes if split == "train" else classes)
+        try:
+            _, other_classes = scan_split(root, "val" if split == "train" else "train")
+        except FileNotFoundError:  # evaluation on a val-only tree (training needs both and fails on the other)
+            other_classes = None
+        if other_classes is not None:
+            check_same_classes(root, classes if split == "train" else other_classes,
+                               other_classes if split == "train" else classes)
         if len(classes) != num_classes:
             raise DataError(f"data.root {root} has {len(classes)} classes but model.num_classes={num_classes}")
         self.files = [p for p, _ in samples]

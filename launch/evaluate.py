@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolved(cfg, env.world_size)
         model = create_model(name, num_classes=cfg.model.num_classes, img_size=cfg.model.img_size)
         model.load_state_dict(state)
-        _, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device)
+        _, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device, train=False)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

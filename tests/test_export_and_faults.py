@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -79,6 +80,15 @@ def test_export_loads_with_create_model_and_gives_the_engines_logits(tmp_path, d
         ev = run_script(EVALUATE, str(out), "--config", "s2mlpv2_tiny", f"data.root={digits_root}")
         assert ev.returncode == 0, ev.stderr[-3000:]
         assert f"top1 {trained_top1:.2f}" in ev.stdout
+        # a val set alone is enough to evaluate (no train/ beside it), with the folder and DALI backends
+        shutil.copytree(digits_root / "val", tmp_path / "val_only/val")
+        for backend in ("folder", "dali"):
+            ev = run_script(EVALUATE, str(out), "--config", "s2mlpv2_tiny", f"data.root={tmp_path / 'val_only'}",
+                            f"data.backend={backend}")
+            assert ev.returncode == 0, ev.stderr[-3000:]
+            assert f"on {backend}:" in ev.stdout
+            if backend == "folder":
+                assert f"top1 {trained_top1:.2f}" in ev.stdout
 
 
 def test_export_and_evaluate_refuse_bad_input(tmp_path, digits_root):
