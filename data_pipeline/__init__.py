@@ -128,9 +128,10 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         raise DataError(f"data.root is not set: data.backend={d.backend} needs the dataset's folder")
     elif d.backend == "folder":
         from .folder import FolderSource, check_same_classes, scan_split
-        val_samples, val_classes = scan_split(d.root, "val")
         if train:
             train_samples, train_classes = scan_split(d.root, "train")
+        val_samples, val_classes = scan_split(d.root, "val")
+        if train:
             check_same_classes(d.root, train_classes, val_classes)
         if len(val_classes) != cfg.model.num_classes:
             raise DataError(f"data.root {d.root} has {len(val_classes)} classes but model.num_classes="
