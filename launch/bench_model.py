@@ -95,7 +95,7 @@ def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: 
     ips = batch * steps / seconds
     # forward+backward = 3x the forward MACs, 2 FLOPs per MAC
     return dict(model=name, img_size=size, batch=batch, bf16=bf16, compile=compile_, device=str(device),
-                images_per_s=round(ips, 1), tflops=round(ips * gmacs * 3 * 2 / 1e3, 3),
+                images_per_s=round(ips, 1), tflops=round(ips * gmacs * 3 * 2 / 1e3, 6),
                 activation_mb_per_image=round(act_mb, 1))
 
 
@@ -128,7 +128,7 @@ def main() -> None:
                   f"{r['activation_mb_per_image']:>11.1f}", flush=True)
     env = dict(torch=torch.__version__, python=platform.python_version(), host=platform.node(),
                device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), matmul_peak_tflops=round(peak, 3))
+               threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d"), matmul_peak_tflops=round(peak, 6))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, rows=rows), f, indent=1)

@@ -84,7 +84,7 @@ def test_model_benchmark_prints_and_writes_json(tmp_path):
     row = report["rows"][0]
     assert row["model"] == "cs_mixer_tiny" and row["batch"] == 4 and row["images_per_s"] > 0
     assert report["env"]["matmul_peak_tflops"] > 0 and 0 < row["mfu_pct"]
-    assert row["mfu_pct"] == round(100 * row["tflops"] / report["env"]["matmul_peak_tflops"], 1)
+    assert row["mfu_pct"] == pytest.approx(100 * row["tflops"] / report["env"]["matmul_peak_tflops"], abs=0.06)
     # saved activations of the tiny model at 32 px, fp32: a few hundred KB per image, not 0, not weights
     assert 0.05 < row["activation_mb_per_image"] < 5
     assert "cs_mixer_tiny" in result.stdout
