@@ -126,22 +126,32 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         normalized = False
     elif not d.root:
         raise DataError(f"data.root is not set: data.backend={d.backend} needs the dataset's folder")
-    elif d.backend == "folder":
+    elif d.backend in ("folder", "dali"):  # both read the JPEG tree: scan it once, check it once
+        if d.backend == "dali":
+            require("nvidia.dali", "dali")
         from .folder import FolderSource, check_same_classes, scan_split
-        if train:
-            train_samples, train_classes = scan_split(d.root, "train")
+        train_samples, train_classes = scan_split(d.root, "train") if train else (None, None)
         val_samples, val_classes = scan_split(d.root, "val")
         if train:
             check_same_classes(d.root, train_classes, val_classes)
         if len(val_classes) != cfg.model.num_classes:
             raise DataError(f"data.root {d.root} has {len(val_classes)} classes but model.num_classes="
                             f"{cfg.model.num_classes}")
-        common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
-                      img_size=size, interpolation=d.interpolation)
-        train_src = FolderSource(train_samples, train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
-                                 **common) if train else None
-        val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
-        normalized = False
+        if d.backend == "folder":
+            common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
+                          img_size=size, interpolation=d.interpolation)
+            train_src = FolderSource(train_samples, train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
+                                     **common) if train else None
+            val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
+            normalized = False
+        else:
+            from .dali_source import DaliSource
+            common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
+                          img_size=size, device=device, mean=info.mean, std=info.std, interpolation=d.interpolation)
+            train_src = DaliSource(train_samples, f"{d.root}/train", train=True, scale=d.scale, ratio=d.ratio,
+                                   hflip=d.hflip, auto_augment=cfg.aug.auto_augment, **common) if train else None
+            val_src = DaliSource(val_samples, f"{d.root}/val", train=False, crop_pct=crop_pct, **common)
+            normalized = True
     elif d.backend == "ffcv":
         require("ffcv", "ffcv")
         from .ffcv_source import FfcvSource
@@ -152,16 +162,6 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
                                normalize=(info.mean, info.std) if normalized else None, **common) if train else None
         val_src = FfcvSource(d.root, "val", train=False, crop_pct=crop_pct,
                              normalize=(info.mean, info.std) if normalized else None, **common)
-    elif d.backend == "dali":
-        require("nvidia.dali", "dali")
-        from .dali_source import DaliSource
-        common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
-                      img_size=size, device=device, num_classes=cfg.model.num_classes, mean=info.mean,
-                      std=info.std, interpolation=d.interpolation)
-        train_src = DaliSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
-                               auto_augment=cfg.aug.auto_augment, **common) if train else None
-        val_src = DaliSource(d.root, "val", train=False, crop_pct=crop_pct, **common)
-        normalized = True
     else:
         raise DataError(f"data.backend={d.backend!r}: expected dali, ffcv, folder or synthetic")
     val_stage = (lambda images, labels, seed: (images, labels)) if normalized else \

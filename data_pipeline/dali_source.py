@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .folder import check_same_classes, scan_split
 from .sharding import batch_seed, epoch_permutation, val_shard
 
 
@@ -44,20 +43,11 @@ def _parse_rand_augment(spec: str) -> tuple[int, int]:
 
 
 class DaliSource:
-    def __init__(self, root: str, split: str, rank: int, world_size: int, batch_size: int, train: bool,
-                 workers: int, seed: int, img_size: int, device: torch.device, num_classes: int, mean, std, *,
+    def __init__(self, samples: list[tuple[str, int]], where: str, rank: int, world_size: int, batch_size: int,
+                 train: bool, workers: int, seed: int, img_size: int, device: torch.device, mean, std, *,
                  interpolation: str = "bicubic", scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5,
                  auto_augment: str = "none", crop_pct: float = 0.875) -> None:
-        samples, classes = scan_split(root, split)
-        try:
-            _, other_classes = scan_split(root, "val" if split == "train" else "train")
-        except FileNotFoundError:  # evaluation on a val-only tree (training needs both and fails on the other)
-            other_classes = None
-        if other_classes is not None:
-            check_same_classes(root, classes if split == "train" else other_classes,
-                               other_classes if split == "train" else classes)
-        if len(classes) != num_classes:
-            raise DataError(f"data.root {root} has {len(classes)} classes but model.num_classes={num_classes}")
+        """samples: (path, class index) from folder.scan_split, checked by build_loaders; where: for messages."""
         self.files = [p for p, _ in samples]
         self.labels = np.array([label for _, label in samples], dtype=np.int32)
         self.rank, self.world_size, self.batch_size, self.train = rank, world_size, batch_size, train
@@ -68,7 +58,7 @@ class DaliSource:
         n = len(samples)
         self.per_rank = (n // (world_size * batch_size)) * batch_size if train else len(val_shard(n, rank, world_size))
         if train and self.per_rank == 0:
-            raise DataError(f"{n} images in {root}/{split} cannot fill a batch of {batch_size} on {world_size} ranks")
+            raise DataError(f"{n} images in {where} cannot fill a batch of {batch_size} on {world_size} ranks")
         self.batches_per_epoch = -(-self.per_rank // batch_size)
         self._next: dict = {}  # (epoch, start step) -> an iterator already built and prefetching
 

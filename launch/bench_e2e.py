@@ -70,6 +70,9 @@ def main() -> None:
     if unknown or "synthetic" not in backends:
         p.error(f"--backends: {unknown or 'synthetic'} {'unknown' if unknown else 'is the baseline and must be in'}"
                 f" (choose from {', '.join(BACKENDS)})")
+    if args.steps < 2 * args.log_every:
+        p.error(f"--steps {args.steps}: give at least 2 x --log-every ({2 * args.log_every}); the first window "
+                "holds start-up and is not counted")
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world > 1 and (not args.root or ("ffcv" in backends and not args.ffcv_root)):
@@ -102,7 +105,7 @@ def main() -> None:
             *([f"model.img_size={args.img_size}"] if args.img_size else []), *args.overrides]
         cfg = load_config(find_config(args.model), overrides)
         result = train(cfg)
-        rows.append(dict(backend=backend, images_per_s=round(result.images_per_sec or 0.0, 1)))
+        rows.append(dict(backend=backend, images_per_s=round(result.images_per_sec, 1)))
         dist.barrier()
         if rank == 0:
             shutil.rmtree(Path(args.out) / backend, ignore_errors=True)

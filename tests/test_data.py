@@ -131,7 +131,7 @@ def test_dali_rand_augment_differs_per_sample(jpeg_root):
     """Eight copies of one image in a batch: DALI's RandAugment gives them different ops."""
     from data_pipeline.dali_source import DaliSource
 
-    src = DaliSource(str(jpeg_root), "train", 0, 1, 8, True, 1, 0, 32, torch.device("cpu"), 4,
+    src = DaliSource(scan_split(jpeg_root, "train")[0], "train", 0, 1, 8, True, 1, 0, 32, torch.device("cpu"),
                      (0.5,) * 3, (0.25,) * 3, auto_augment="rand-m9-mstd0.5-inc1", scale=(1.0, 1.0),
                      ratio=(4 / 3, 4 / 3), hflip=0.0)
     src.files = [src.files[0]] * len(src.files)
@@ -148,9 +148,11 @@ def test_dali_pipeline_build_survives_gc_finalizers_that_parse_code(jpeg_root, t
     script.write_text(f"""
 import ast, gc, torch
 from data_pipeline.dali_source import DaliSource
+from data_pipeline.folder import scan_split
+samples = scan_split({str(jpeg_root)!r}, "train")[0]
 gc.set_threshold(1)
 gc.callbacks.append(lambda phase, info: ast.parse("a = (1, [2, {{3: 4}}])") if phase == "start" else None)
-src = DaliSource({str(jpeg_root)!r}, "train", 0, 1, 8, True, 1, 0, 32, torch.device("cpu"), 4, (0.5,) * 3,
+src = DaliSource(samples, "train", 0, 1, 8, True, 1, 0, 32, torch.device("cpu"), (0.5,) * 3,
                  (0.25,) * 3, auto_augment="rand-m9-mstd0.5-inc1", scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), hflip=0.0)
 images, _ = next(src.batches(0, 0))
 print("batch", tuple(images.shape))
