@@ -2,9 +2,9 @@
 
     train, val = build_loaders(cfg, rank, world_size)
 
-Each loader knows its length (batches per epoch), can be positioned with
-`set_position(epoch, step)`, and yields (images, targets) ready for the model: float NCHW,
-normalised, on the training device. Train targets are soft (B, num_classes) — label smoothing and
+A train loader reads a window of an epoch, `set_window(epoch, start, end)` in global sample
+offsets (data_pipeline/sharding.py: an offset means the same at every world size), and yields
+(images, targets) ready for the model: float NCHW, normalised, on the training device. Train targets are soft (B, num_classes) — label smoothing and
 Mixup/CutMix folded in; val targets are class indices.
 """
 from __future__ import annotations
@@ -46,34 +46,39 @@ Stage = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Te
 
 
 class Loader:
-    """The common face of every backend. `source.batches(epoch, start_step)` yields the backend's
-    batches; the on-device `stage` turns them into model inputs, seeded per (seed, rank, epoch, step)."""
+    """The common face of every backend. `source.batches(epoch, start, end)` yields the backend's
+    micro-batches of global samples [start, end); the on-device `stage` turns them into model inputs,
+    seeded per (seed, rank, epoch, sample offset)."""
 
-    def __init__(self, source, stage: Stage, device: torch.device, seed: int, rank: int,
-                 mixup_until_epoch: int | None = None) -> None:
+    def __init__(self, source, stage: Stage, device: torch.device, seed: int, rank: int, world_size: int,
+                 batch_size: int, mixup_until_epoch: int | None = None) -> None:
         self.source, self.stage, self.device, self.seed, self.rank = source, stage, device, seed, rank
+        self.micro_samples = world_size * batch_size  # global samples per micro-batch
         self.mixup_until_epoch = mixup_until_epoch  # timm's mixup_off_epoch, as the first epoch without
-        self.epoch, self.step = 0, 0
+        self.epoch, self.start, self.end = 0, 0, None
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the whole split (train: before an epoch's tail is cut to whole steps)."""
+        return self.source.num_samples
 
     def __len__(self) -> int:
         return self.source.batches_per_epoch
 
-    def set_position(self, epoch: int, step: int = 0) -> None:
-        """The next iteration yields epoch `epoch` from its batch `step` on."""
-        if not 0 <= step <= len(self):
-            raise ValueError(f"step {step} is outside epoch of {len(self)} batches")
-        self.epoch, self.step = epoch, step
+    def set_window(self, epoch: int, start: int = 0, end: int | None = None) -> None:
+        """The next iteration yields global samples [start, end) of epoch `epoch` (None: to its end)."""
+        self.epoch, self.start, self.end = epoch, start, end
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, step = self.epoch, self.step
+        epoch, sample = self.epoch, self.start
         if self.mixup_until_epoch is not None:
             self.stage.set_mixup_enabled(epoch < self.mixup_until_epoch)
-        for images, labels in self.source.batches(epoch, step):
+        for images, labels in self.source.batches(epoch, self.start, self.end):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            yield self.stage(images, labels, batch_seed(self.seed, self.rank, epoch, step))
-            step += 1
-        self.epoch, self.step = epoch + 1, 0  # a plain loop over epochs needs no set_position
+            yield self.stage(images, labels, batch_seed(self.seed, self.rank, epoch, sample))
+            sample += self.micro_samples
+        self.epoch, self.start, self.end = epoch + 1, 0, None  # a plain loop over epochs needs no set_window
 
 
 def _normalizer(mean, std, device: torch.device):
@@ -116,13 +121,11 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
     info = model_info(cfg.model.name)
     d, bs, seed, size = cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.model.img_size
     crop_pct = d.crop_pct or info.crop_pct
-    if (cfg.aug.mixup or cfg.aug.cutmix) and bs % 2:
-        raise DataError(f"Mixup/CutMix need an even per-rank batch, got train.batch_size={bs}")
     if d.backend == "synthetic":
         from .synthetic import SyntheticSource
-        steps = max(1, d.synthetic_size // (bs * world_size))
-        train_src = SyntheticSource(bs, steps, size, cfg.model.num_classes, seed + rank, device)
-        val_src = SyntheticSource(bs, max(1, steps // 10), size, cfg.model.num_classes, seed + 10_007 + rank, device)
+        n_val = max(bs * world_size, d.synthetic_size // 10)
+        train_src = SyntheticSource(bs, world_size, d.synthetic_size, size, cfg.model.num_classes, seed + rank, device)
+        val_src = SyntheticSource(bs, world_size, n_val, size, cfg.model.num_classes, seed + 10_007 + rank, device)
         normalized = False
     elif not d.root:
         raise DataError(f"data.root is not set: data.backend={d.backend} needs the dataset's folder")
@@ -169,5 +172,5 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
     mixup_until = cfg.train.epochs - cfg.aug.mixup_off_epoch if cfg.aug.mixup_off_epoch else None
     train_loader = Loader(train_src, _train_stage(cfg, info.mean, info.std, device, normalized,
                                                   augment=d.backend != "synthetic"), device, seed, rank,
-                          mixup_until) if train else None
-    return train_loader, Loader(val_src, val_stage, device, seed, rank)
+                          world_size, bs, mixup_until) if train else None
+    return train_loader, Loader(val_src, val_stage, device, seed, rank, world_size, bs)

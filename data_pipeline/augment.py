@@ -503,13 +503,6 @@ class MixupCutmix:
         return x, y * lam + y.flip(0) * (1.0 - lam)
 
 
-class SoftTargetCrossEntropy(nn.Module):
-    """Cross-entropy against soft targets (Mixup/CutMix, label smoothing): mean_b sum_c -t log p."""
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
 # ----------------------------------------------------------------------------- the stage
 
 class DeviceAugment:

@@ -3,9 +3,13 @@
 The reader shards by GLOBAL rank (shard_id = rank, num_shards = world size): with the local
 rank, multi-node runs would silently read one node's shards only. The file order of each epoch
 comes from data_pipeline/sharding.py, handed to the reader as an explicit list, so every epoch
-is reshuffled from the run's seed and a run can be positioned at any (epoch, step). Crop, flip
-and RandAugment/AutoAugment (nvidia.dali.auto_aug) run inside DALI, seeded per (epoch, start
-step); DALI's RandAugment has a fixed magnitude (no `mstd` noise).
+is reshuffled from the run's seed and a run can be positioned at any (epoch, sample offset). Crop,
+flip and RandAugment/AutoAugment (nvidia.dali.auto_aug) run inside DALI from its per-sample RNGs,
+seeded per (rank, epoch); those RNGs advance with every batch and cannot be set to a position,
+so a resume inside an epoch at the same world size replays the epoch's pipeline up to the resume
+point (decode and augment, outputs dropped, no training): the continuation is then the same as an
+uninterrupted run's, at the cost of at most one epoch of input-pipeline time. DALI's RandAugment
+has a fixed magnitude (no `mstd` noise).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .sharding import batch_seed, epoch_permutation, val_shard
+from .sharding import batch_seed, epoch_end, train_shard, val_shard
 
 
 @contextlib.contextmanager
@@ -55,20 +59,21 @@ class DaliSource:
         self.opts = dict(img_size=img_size, mean=[255 * m for m in mean], std=[255 * s for s in std],
                          interp=interpolation, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
                          auto_augment=auto_augment, crop_pct=crop_pct)
-        n = len(samples)
-        self.per_rank = (n // (world_size * batch_size)) * batch_size if train else len(val_shard(n, rank, world_size))
-        if train and self.per_rank == 0:
+        n = self.num_samples = len(samples)
+        self.micro = world_size * batch_size
+        if train and n < self.micro:
             raise DataError(f"{n} images in {where} cannot fill a batch of {batch_size} on {world_size} ranks")
-        self.batches_per_epoch = -(-self.per_rank // batch_size)
-        self._next: dict = {}  # (epoch, start step) -> an iterator already built and prefetching
+        per_rank = epoch_end(n, self.micro) // world_size if train else len(val_shard(n, rank, world_size))
+        self.batches_per_epoch = -(-per_rank // batch_size)
+        self._next: dict = {}  # (epoch, start, end) -> an iterator already built and prefetching
 
-    def _epoch_files(self, epoch: int, start_step: int) -> tuple[list[str], list[int]]:
-        """The global file list for the reader: rank blocks, each from the start step on."""
+    def _epoch_files(self, epoch: int, start: int, end: int) -> tuple[list[str], list[int]]:
+        """The global file list for the reader: rank blocks of samples [start, end) (the reader's
+        shard r is the r-th contiguous block)."""
         if not self.train:
             return self.files, self.labels.tolist()
-        perm = epoch_permutation(len(self.files), self.seed, epoch)
-        skip = start_step * self.batch_size
-        order = np.concatenate([perm[r * self.per_rank + skip:(r + 1) * self.per_rank]
+        n = len(self.files)
+        order = np.concatenate([train_shard(n, r, self.world_size, self.batch_size, self.seed, epoch, start, end)
                                 for r in range(self.world_size)])
         return [self.files[i] for i in order], self.labels[order].tolist()
 
@@ -111,21 +116,31 @@ class DaliSource:
                     device_id=self.device.index or 0 if gpu else None, seed=seed,
                     prefetch_queue_depth=2)
 
-    def _iterator(self, epoch: int, start_step: int):
-        files, labels = self._epoch_files(epoch, start_step)
+    def _iterator(self, epoch: int, start: int, end: int):
+        files, labels = self._epoch_files(epoch, start, end)
         with _gc_paused():  # DALI's first import parses signatures with ast too
             from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-            pipe = self._pipeline(files, labels, batch_seed(self.seed, self.rank, epoch, start_step) % 2 ** 31)
+            pipe = self._pipeline(files, labels, batch_seed(self.seed, self.rank, epoch, 0) % 2 ** 31)
             policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
             # Building the iterator builds and starts the pipeline: it prefetches its first batches from here on.
             return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
                                        last_batch_policy=policy, auto_reset=False)
 
-    def batches(self, epoch: int, start_step: int):
-        it = self._next.pop((epoch, start_step), None) or self._iterator(epoch, start_step)
+    def batches(self, epoch: int, start: int, end: int | None):
+        if self.train:
+            end = epoch_end(len(self.files), self.micro) if end is None else end
+            replay = start if start % self.micro == 0 else 0  # same micro-batch grid: replay to the same RNG state
+            start -= replay
+        else:
+            replay, end = 0, None
+        it = self._next.pop((epoch, start, end), None) or self._iterator(epoch, start, end)
         self._next.clear()  # a prepared pipeline for another position is no longer wanted
+        skip = replay // self.micro
         for out in it:
+            if skip:
+                skip -= 1
+                continue
             yield out[0]["images"], out[0]["labels"].view(-1).long()
         if self.train:  # the next epoch's pipeline fills its queue while the trainer evaluates
-            self._next = {(epoch + 1, 0): self._iterator(epoch + 1, 0)}
+            self._next = {(epoch + 1, 0, end): self._iterator(epoch + 1, 0, end)}

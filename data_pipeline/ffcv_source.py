@@ -36,13 +36,13 @@ def beton_path(root: str | Path, split: str) -> Path:
 
 
 class _Order:
-    """Stands in for FFCV's TraversalOrder: the indices to read for an epoch, from a start step."""
+    """Stands in for FFCV's TraversalOrder: the indices to read for an epoch window."""
 
-    def __init__(self, order_fn, batch_size: int) -> None:
-        self.order_fn, self.batch_size, self.start = order_fn, batch_size, 0
+    def __init__(self, order_fn) -> None:
+        self.order_fn, self.start, self.end = order_fn, 0, None
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return self.order_fn(epoch)[self.start * self.batch_size:].astype(np.uint64)
+        return self.order_fn(epoch, self.start, self.end).astype(np.uint64)
 
 
 class FfcvSource:
@@ -72,10 +72,10 @@ class FfcvSource:
         if train:
             decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(scale), ratio=tuple(ratio))
             image_ops = [decoder] + ([RandomHorizontalFlip(hflip)] if hflip else [])
-            order_fn = lambda epoch: train_shard(n, rank, world_size, batch_size, seed, epoch)
+            order_fn = lambda epoch, start, end: train_shard(n, rank, world_size, batch_size, seed, epoch, start, end)
         else:
             image_ops = [CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_pct)]
-            order_fn = lambda epoch: val_shard(n, rank, world_size)
+            order_fn = lambda epoch, start, end: val_shard(n, rank, world_size)
         if normalize:  # before ToTensor: the order that does not hang on CPU (FFCV issues #350/#396)
             mean, std = (np.array(v, dtype=np.float32) * 255 for v in normalize)
             image_ops.append(NormalizeImage(mean, std, np.float32))
@@ -90,12 +90,13 @@ class FfcvSource:
             self.loader = Loader(str(path), batch_size=batch_size, num_workers=max(1, workers),
                                  order=OrderOption.SEQUENTIAL, drop_last=False, os_cache=True,
                                  pipelines={"image": image_ops, "label": label_ops})
-        self.order = _Order(order_fn, batch_size)
+        self.order = _Order(order_fn)
         self.loader.traversal_order = self.order
-        self.batches_per_epoch = -(-len(order_fn(0)) // batch_size)
+        self.num_samples = n
+        self.batches_per_epoch = -(-len(order_fn(0, 0, None)) // batch_size)
 
-    def batches(self, epoch: int, start_step: int):
-        self.order.start = start_step
+    def batches(self, epoch: int, start: int, end: int | None):
+        self.order.start, self.order.end = start, end
         self.loader.next_epoch = epoch
         with torch_threads_kept():
             return iter(self.loader)

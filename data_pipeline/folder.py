@@ -8,6 +8,7 @@ position reproduces the uninterrupted stream whatever the number of workers.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -113,12 +114,17 @@ class ImageFolderSplit(Dataset):
         self.samples, self.img_size, self.train, self.seed = samples, img_size, train, seed
         self.scale, self.ratio, self.hflip, self.crop_pct = tuple(scale), tuple(ratio), hflip, crop_pct
         self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
+        # test-only: append "epoch index" for every train sample read (tests count how often each is used)
+        self.record = os.environ.get("TRAIN_TEST_RECORD_SAMPLES") if train else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
+        if self.record:
+            with open(self.record, "a") as f:
+                f.write(f"{epoch} {index}\n")
         path, label = self.samples[index]
         img = load_rgb(path)
         size = self.img_size
@@ -133,20 +139,20 @@ class ImageFolderSplit(Dataset):
         return to_uint8_chw(img), label
 
 
-class _PositionedBatches:
-    """A batch sampler whose epoch and start step are set before each pass (read in the main
-    process, so persistent workers pick up the change)."""
+class _WindowBatches:
+    """A batch sampler whose epoch window is set before each pass (read in the main process, so
+    persistent workers pick up the change)."""
 
     def __init__(self, order_fn, batch_size: int) -> None:
-        self.order_fn, self.batch_size, self.epoch, self.start = order_fn, batch_size, 0, 0
+        self.order_fn, self.batch_size, self.epoch, self.start, self.end = order_fn, batch_size, 0, 0, None
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = self.order_fn(self.epoch)
-        for s in range(self.start * self.batch_size, len(order), self.batch_size):
+        order = self.order_fn(self.epoch, self.start, self.end)
+        for s in range(0, len(order), self.batch_size):
             yield [(self.epoch, int(i)) for i in order[s:s + self.batch_size]]
 
     def __len__(self) -> int:
-        return -(-len(self.order_fn(self.epoch)) // self.batch_size) - self.start
+        return -(-len(self.order_fn(self.epoch, self.start, self.end)) // self.batch_size)
 
 
 class FolderSource:
@@ -155,15 +161,15 @@ class FolderSource:
     def __init__(self, samples, rank: int, world_size: int, batch_size: int, train: bool, workers: int,
                  seed: int, **dataset_args) -> None:
         self.dataset = ImageFolderSplit(samples, train=train, seed=seed, **dataset_args)
-        n = len(samples)
-        order_fn = (lambda epoch: train_shard(n, rank, world_size, batch_size, seed, epoch)) if train else \
-                   (lambda epoch: val_shard(n, rank, world_size))
-        self.sampler = _PositionedBatches(order_fn, batch_size)
+        n = self.num_samples = len(samples)
+        order_fn = (lambda epoch, start, end: train_shard(n, rank, world_size, batch_size, seed, epoch, start, end)) \
+            if train else (lambda epoch, start, end: val_shard(n, rank, world_size))
+        self.sampler = _WindowBatches(order_fn, batch_size)
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
                                  pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers else None)
-        self.batches_per_epoch = -(-len(order_fn(0)) // batch_size)
+        self.batches_per_epoch = -(-len(order_fn(0, 0, None)) // batch_size)
 
-    def batches(self, epoch: int, start_step: int):
-        self.sampler.epoch, self.sampler.start = epoch, start_step
+    def batches(self, epoch: int, start: int, end: int | None):
+        self.sampler.epoch, self.sampler.start, self.sampler.end = epoch, start, end
         return iter(self.loader)

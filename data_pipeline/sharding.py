@@ -1,10 +1,13 @@
 """Which samples a rank reads, in which order: one definition shared by every backend.
 
-Train: a permutation of the whole set drawn from (seed, epoch), cut to a multiple of
-world_size x batch_size (every rank gets the same number of full batches; Mixup needs them
-full), then split into world_size contiguous blocks; rank r reads block r. Val: the sorted set
-split into contiguous blocks with floor boundaries, so every image is read exactly once.
-Contiguous blocks are also how DALI's reader shards (shard_id = global rank).
+Train: each epoch is a permutation of the whole set drawn from (seed, epoch). The run reads it
+front to back in global micro-batches of world_size x batch_size samples; rank r takes the r-th
+slice of each. A position in the epoch is therefore a global sample offset that means the same at
+every world size: a run stopped after `start` samples and resumed at another world size (or
+batch) reads exactly perm[start:end] between its ranks, so each image of the interrupted epoch is
+used once. The epoch ends at `end`, a multiple of the optimizer step's global batch (the
+trainer's `epoch_end`); the tail is not read. Val: the sorted set split into contiguous blocks with
+floor boundaries, so every image is read exactly once.
 """
 from __future__ import annotations
 
@@ -17,20 +20,43 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train_shard(n: int, rank: int, world_size: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-    """This rank's sample indices for `epoch`, in reading order."""
-    per_rank = (n // (world_size * batch_size)) * batch_size
-    if per_rank == 0:
-        raise DataError(f"{n} training samples cannot fill one batch of {batch_size} on each of "
-                         f"{world_size} ranks")
-    return epoch_permutation(n, seed, epoch)[rank * per_rank:(rank + 1) * per_rank]
+def epoch_end(n: int, step_samples: int) -> int:
+    """Samples an uninterrupted epoch reads: whole optimizer steps of `step_samples` only."""
+    end = n // step_samples * step_samples
+    if end == 0:
+        raise DataError(f"{n} training samples cannot fill one optimizer step of {step_samples} samples "
+                        "(train.batch_size x grad_accum x world size)")
+    return end
+
+
+def resumed_epoch_end(n: int, start: int, planned_end: int, step_samples: int) -> int:
+    """Where an epoch interrupted at `start` (of `planned_end`) ends when resumed with optimizer steps
+    of `step_samples` (another world size or batch): every planned image still unread is read, the
+    last step topped up from the images the epoch would have left out; only where the set has too
+    few of those does the last partial step drop (the same rule as an uninterrupted epoch's tail)."""
+    remaining = planned_end - start
+    steps = -(-remaining // step_samples)
+    if start + steps * step_samples > n:
+        steps = remaining // step_samples
+    return start + steps * step_samples
+
+
+def train_shard(n: int, rank: int, world_size: int, batch_size: int, seed: int, epoch: int,
+                start: int = 0, end: int | None = None) -> np.ndarray:
+    """This rank's sample indices for global samples [start, end) of `epoch`, in reading order."""
+    micro = world_size * batch_size
+    end = epoch_end(n, micro) if end is None else end
+    if start % 1 or (end - start) % micro or not 0 <= start <= end <= n:
+        raise ValueError(f"epoch window [{start}, {end}) of {n} samples is not whole micro-batches of {micro}")
+    window = epoch_permutation(n, seed, epoch)[start:end]
+    return window.reshape(-1, world_size, batch_size)[:, rank].reshape(-1)
 
 
 def val_shard(n: int, rank: int, world_size: int) -> np.ndarray:
     return np.arange(n * rank // world_size, n * (rank + 1) // world_size)
 
 
-def batch_seed(seed: int, rank: int, epoch: int, step: int) -> int:
-    """A seed for one batch's on-device augmentation: a resumed run re-draws exactly what an
-    uninterrupted run would have drawn at the same (epoch, step)."""
-    return int(np.random.SeedSequence([seed, rank, epoch, step]).generate_state(1, np.uint64)[0] >> 1)
+def batch_seed(seed: int, rank: int, epoch: int, sample: int) -> int:
+    """A seed for one batch's on-device augmentation, keyed by the global sample offset the batch
+    starts at: a resumed run re-draws exactly what an uninterrupted run drew at the same place."""
+    return int(np.random.SeedSequence([seed, rank, epoch, sample]).generate_state(1, np.uint64)[0] >> 1)

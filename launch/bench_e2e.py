@@ -5,7 +5,7 @@
     torchrun --standalone --nproc_per_node 8 launch/bench_e2e.py --root /data/imagenet \\
         --ffcv-root /data/imagenet-ffcv --model cs_mixer_l --batch 128 --steps 200 --workers 8
 
-Every row is the trainer itself (`trainer.loop.train`) for --steps optimizer steps with the variant's
+Every row is the trainer itself (`trainer.trainer.train`) for --steps optimizer steps with the variant's
 recipe: the backend's loader with the recipe's augmentation (RandAugment, Mixup/CutMix, random
 erasing), the DeepSpeed engine from the generated config (ZeRO-2, bf16), and the loop's own img/s
 in steady state (the first log window, which holds start-up, is left out; evaluation and
@@ -91,7 +91,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from trainer.distributed import shutdown
-    from trainer.loop import train
+    from trainer.trainer import train
 
     rows: list[dict] = []
     for backend in backends:

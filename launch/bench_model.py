@@ -3,8 +3,9 @@
     python launch/bench_model.py --model cs_mixer_t --batch 32 [--model s2mlpv2_small ...] [--json out.json]
 
 On a GPU it runs in bf16 autocast (add --compile for torch.compile) and times with CUDA events;
-on a CPU in fp32 unless --bf16. MFU is against the device's dense-matmul rate, measured at the
-start in the same precision (forward+backward counted as 3x the forward MACs). Also printed: the
+on a CPU in fp32 unless --bf16. MFU is the trainer's definition (trainer/mfu.py): training FLOPs
+per image (3x the forward MACs x 2) over the device's dense-matmul rate, measured at the start in
+the same precision. Also printed: the
 activation memory autograd keeps per image for the backward pass (bytes of the tensors saved by
 the forward, batch 2 minus batch 1, in the run's precision; eager mode), which with the ZeRO state
 sets the GPU memory a batch needs. A benchmark, not a test: it prints figures, asserts nothing.
@@ -18,26 +19,8 @@ import time
 
 import torch
 
-from models import count_gmacs, create_model, model_info
-
-
-def matmul_peak_tflops(device: torch.device, bf16: bool) -> float:
-    """The device's measured dense-matmul rate in the run's precision (best of several square matmuls):
-    the denominator of MFU, rather than a spec-sheet figure the device may never reach."""
-    n, reps = (8192, 10) if device.type == "cuda" else (2048, 3)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    best = 0.0
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
-    return best
+from models import create_model, model_info
+from trainer.mfu import measured_peak_tflops, mfu_pct, train_flops_per_image
 
 
 def activation_mb_per_image(model: torch.nn.Module, size: int, bf16: bool, device: torch.device) -> float:
@@ -58,10 +41,10 @@ def activation_mb_per_image(model: torch.nn.Module, size: int, bf16: bool, devic
 
 
 def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: bool,
-          device: torch.device, img_size: int | None) -> dict:
+          device: torch.device, img_size: int | None, peak: float) -> dict:
     size = img_size or model_info(name).img_size
     model = create_model(name, img_size=size).to(device)
-    gmacs = count_gmacs(model, size)
+    flops_per_image = train_flops_per_image(model, size)
     act_mb = activation_mb_per_image(model, size, bf16, device)
     step_model = torch.compile(model) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -95,8 +78,8 @@ def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: 
     ips = batch * steps / seconds
     # forward+backward = 3x the forward MACs, 2 FLOPs per MAC
     return dict(model=name, img_size=size, batch=batch, bf16=bf16, compile=compile_, device=str(device),
-                images_per_s=round(ips, 1), tflops=round(ips * gmacs * 3 * 2 / 1e3, 6),
-                activation_mb_per_image=round(act_mb, 1))
+                images_per_s=round(ips, 1), tflops=round(ips * flops_per_image / 1e12, 6),
+                activation_mb_per_image=round(act_mb, 1), mfu_pct=round(mfu_pct(ips, flops_per_image, peak, 1), 1))
 
 
 def main() -> None:
@@ -114,14 +97,13 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     rows = []
-    peak = matmul_peak_tflops(device, bf16)
+    peak = measured_peak_tflops(device, bf16)
     print(f"{device}: measured {'bf16' if bf16 else 'fp32'} matmul peak {peak:.3f} TFLOP/s (the MFU denominator)")
     print(f"{'model':<16}{'size':>5}{'batch':>6}{'dtype':>6}{'compile':>8}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
           f"{'act MB/img':>11}")
     for name in args.model or ["cs_mixer_t"]:
         for batch in args.batch or [32]:
-            r = bench(name, batch, args.steps, args.warmup, bf16, args.compile, device, args.img_size)
-            r["mfu_pct"] = round(100 * r["tflops"] / peak, 1)
+            r = bench(name, batch, args.steps, args.warmup, bf16, args.compile, device, args.img_size, peak)
             rows.append(r)
             print(f"{name:<16}{r['img_size']:>5}{batch:>6}{'bf16' if bf16 else 'fp32':>6}"
                   f"{str(args.compile):>8}{r['images_per_s']:>10.1f}{r['tflops']:>9.3f}{r['mfu_pct']:>6.1f}%"

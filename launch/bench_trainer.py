@@ -22,30 +22,26 @@ import json
 import statistics
 import time
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from data_pipeline.augment import SoftTargetCrossEntropy
 from models import count_params, create_model, model_info
-from trainer.config import CONFIG_DIR, load_config, plan_batch
+from trainer.build import build_engine
+from trainer.config import CONFIG_DIR, load_config, plan_run
 from trainer.distributed import init_distributed
-from trainer.ds_config import build_ds_config
-from trainer.optim import build_optimizer, param_groups
+from trainer.losses import SoftTargetCrossEntropy
+from trainer.optim import param_groups
 
 PAPER_BYTES_PER_PARAM = {0: lambda n: 16.0, 1: lambda n: 4 + 12 / n, 2: lambda n: 2 + 14 / n, 3: lambda n: 16 / n}
 
 
 def ds_engine(model, stage: int, bf16: bool, batch: int, world: int, ds_json: str | None = None):
-    """The engine exactly as the trainer builds it: DeepSpeed config from trainer/ds_config.py."""
+    """The engine exactly as the trainer builds it (trainer/build.py)."""
     cfg = load_config(CONFIG_DIR / "cs_mixer.yaml", [f"deepspeed.config={ds_json or 'null'}",
         f"deepspeed.zero_stage={stage}", f"deepspeed.bf16={str(bf16).lower()}", f"train.batch_size={batch}",
-        "train.grad_accum=1", "train.global_batch=null", "optim.clip_grad=null"])
-    plan = plan_batch(cfg, world)
-    ds_config, _ = build_ds_config(cfg, plan, count_params(model))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, model, plan.lr), config=ds_config)
-    return engine
+        "train.grad_accum=1", "train.global_batch=null", "optim.clip_grad=null", "data.backend=synthetic"])
+    return build_engine(plan_run(cfg, world, count_params(model)), model)
 
 
 def batch_for(batch: int, size: int, device, seed: int):

@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from data_pipeline import DataError, build_loaders
-    from models import create_model
     from models.exported import load_exported
     from trainer.checkpoint import CheckpointError, consolidated_weights, find_checkpoint
     from trainer.config import ConfigError, config_from_dict, find_config, load_config, resolved
     from trainer.distributed import init_distributed, shutdown
-    from trainer.loop import evaluate
+    from trainer.build import build_model
+    from trainer.evaluate import evaluate
 
     # evaluation keeps the per-rank batch, whatever the world size the run trained with
     overrides = ["train.global_batch=null", "train.grad_accum=1", *args.overrides]
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_dict(meta["config"], overrides, source=f"{tag_dir}/meta.json")
         env = init_distributed()
         cfg = resolved(cfg, env.world_size)
-        model = create_model(name, num_classes=cfg.model.num_classes, img_size=cfg.model.img_size)
+        model = build_model(cfg, drop_path=None)
         model.load_state_dict(state)
         _, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device, train=False)
     except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
     model = model.to(env.device).eval()
     with torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-        top1, top5 = evaluate(model, val_loader, env, torch.float32)
+        top1, top5 = evaluate(model, val_loader, env.device, torch.float32)
     if env.is_main:
         result = {"model": name, "checkpoint": source, "backend": cfg.data.backend, "root": cfg.data.root,
                   "img_size": cfg.model.img_size, "precision": "bf16" if bf16 else "fp32",

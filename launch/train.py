@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from trainer.config import ConfigError, find_config, load_config, plan_batch, resolved
+from trainer.config import ConfigError, find_config, load_config, plan_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,26 +25,27 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     try:
         cfg = load_config(find_config(args.config), args.overrides)
-        plan = plan_batch(cfg, world_size)
+        run = plan_run(cfg, world_size)  # every rule, on the merged config, before anything starts
+        plan = run.batch
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(f"# {args.config} resolved for world size {world_size}: lr from the {plan.lr_rule}")
-        print(resolved(cfg, world_size).to_yaml(), end="")
+        print(run.cfg.to_yaml(), end="")
         return 0
     if args.dry_run:
         print(f"[plan] {cfg.model.name}: world size {world_size}; batch {plan.batch_size}/rank x accum "
               f"{plan.grad_accum} x {world_size} ranks = global {plan.global_batch}; {cfg.train.epochs} epochs"
               f"{f', max_steps {cfg.train.max_steps}' if cfg.train.max_steps else ''}; lr {plan.lr:g} "
-              f"({plan.lr_rule}); ZeRO stage {cfg.deepspeed.zero_stage}; {'bf16' if cfg.deepspeed.bf16 else 'fp32'}; "
+              f"({plan.lr_rule}); ZeRO stage {run.zero_stage}; {run.dtype}; "
               f"data {cfg.data.backend} at {cfg.data.root}; output {cfg.train.output_dir}")
         return 0
 
     from data_pipeline import DataError  # heavy imports only when training
     from trainer.checkpoint import CheckpointError
     from trainer.distributed import shutdown
-    from trainer.loop import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLoss, train
+    from trainer.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLoss, train
     try:
         result = train(cfg)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:

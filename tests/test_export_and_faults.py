@@ -16,22 +16,19 @@ EXPORT = str(REPO / "launch/export.py")
 EVALUATE = str(REPO / "launch/evaluate.py")
 
 ENGINE_LOGITS = """
-import sys, deepspeed, torch
-from models import create_model
+import sys, torch
+from models import count_params
+from trainer.build import build_engine, build_model
 from trainer.checkpoint import check_complete, find_checkpoint
-from trainer.config import config_from_dict, plan_batch
+from trainer.config import config_from_dict, plan_run
 from trainer.distributed import init_distributed, shutdown
-from trainer.ds_config import build_ds_config
-from trainer.optim import build_optimizer
 
 tag = find_checkpoint(sys.argv[1])
 meta = check_complete(tag)
 env = init_distributed()
 cfg = config_from_dict(meta["config"])
-plan = plan_batch(cfg, env.world_size)
-model = create_model(meta["model"], num_classes=cfg.model.num_classes, img_size=cfg.model.img_size)
-engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, model, plan.lr),
-                                  config=build_ds_config(cfg, plan)[0])
+model = build_model(cfg)
+engine = build_engine(plan_run(cfg, env.world_size, count_params(model)), model)
 engine.load_checkpoint(str(tag.parent), tag=tag.name)
 engine.eval()
 x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -1,21 +1,30 @@
-"""Checkpoints: complete or absent, and everything a resumed run needs.
+"""Checkpoints: complete or absent, never lost, and everything a resumed run needs.
 
 Layout of <run dir>/checkpoints/:
-    step_00001200/     DeepSpeed's files (model, optimizer, scheduler) + meta.json (written last),
-                       rng_rank<r>.pt (python, numpy, torch, CUDA generators of rank r), ema.pt
+    step_00001200/     DeepSpeed's files (model, optimizer, scheduler), rng_rank<r>.pt (python, numpy,
+                       torch, CUDA generators of rank r), ema.pt, and meta.json (written last): the
+                       RunState, what the engine ran (ZeRO stage, dtype, world size), the config
+    step_00001200-2/   the same step written again by another timeline (a resume from an older
+                       checkpoint): names are never reused, so no directory is ever replaced
     latest             the tag of the newest complete checkpoint; moved only after the write
-A save goes to step_N.partial/ and is renamed when every rank has written its part; a process
-killed mid-save leaves a .partial directory that is ignored and removed at the next save. The
-directory must be on a file system all ranks share (as DeepSpeed's own checkpoints require).
+A save goes to <tag>.partial/; every file and directory is fsynced, then it is renamed, and only then
+`latest` moves (atomically, fsynced). A process killed at any moment leaves either the previous
+checkpoint or the new one named by `latest`; a .partial directory is ignored and removed at the
+next save. Retention follows write order (not step names): the newest `keep_last`, the `keep_best`
+best evaluated ones and the `keep_every_epochs` milestones stay; the checkpoint just written and the
+one `latest` names are never deleted. The directory must be on a file system all ranks share.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +35,7 @@ import torch.distributed as dist
 from .distributed import DistEnv
 
 META = "meta.json"
+TAG = re.compile(r"step_(\d{8})(-\d+)?")
 
 
 class CheckpointError(RuntimeError):
@@ -47,25 +57,74 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Every file's data and every directory's entries on disk (a rename is only durable after both)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _kill_hook(save_index: int, rank: int) -> threading.Timer | None:
+    """Test-only (TRAIN_TEST_KILL_IN_SAVE=<save index>:<rank>:<seconds>): SIGKILL this process that many
+    seconds into its save number <save index>, or at the save's very end if it finishes sooner."""
+    spec = os.environ.get("TRAIN_TEST_KILL_IN_SAVE")
+    if not spec:
+        return None
+    index, who, delay = spec.split(":")
+    if int(index) != save_index or int(who) != rank:
+        return None
+    timer = threading.Timer(float(delay), os.kill, (os.getpid(), 9))
+    timer.start()
+    return timer
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep_last: int, env: DistEnv) -> None:
-        self.dir, self.keep_last, self.env = directory, keep_last, env
+    """Decides when a save is due and writes it; one save path for every trigger (epoch end, every
+    N steps, a stop signal, the end of the run), and never the same step twice."""
 
-    def tags(self) -> list[str]:
-        """Complete checkpoints, oldest first."""
+    def __init__(self, directory: Path, keep_last: int, env: DistEnv, *, every_steps: int = 0,
+                 keep_best: int = 0, keep_every_epochs: int = 0, log=print) -> None:
+        self.dir, self.keep_last, self.env, self.every_steps = directory, keep_last, env, every_steps
+        self.keep_best, self.keep_every_epochs, self.log = keep_best, keep_every_epochs, log
+        self.last_saved_step: int | None = None
+        self.last_path: Path | None = None
+        self.saves = 0
+
+    def due(self, step: int) -> bool:
+        return bool(self.every_steps) and step % self.every_steps == 0
+
+    def complete(self) -> list[tuple[int, str, dict]]:
+        """(write sequence, tag, meta) of the complete checkpoints, oldest write first."""
         if not self.dir.is_dir():
             return []
-        return sorted(p.name for p in self.dir.glob("step_*") if p.is_dir() and "." not in p.name
-                      and (p / META).is_file())
+        out = []
+        for p in self.dir.iterdir():
+            if p.is_dir() and TAG.fullmatch(p.name) and (p / META).is_file():
+                try:
+                    meta = json.loads((p / META).read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+                out.append((meta.get("seq", 0), p.name, meta))
+        return sorted(out, key=lambda e: (e[0], e[1]))
 
     def latest(self) -> Path | None:
         pointer = self.dir / "latest"
@@ -75,30 +134,66 @@ class Checkpointer:
         check_complete(tag_dir)
         return tag_dir
 
+    def _new_tag(self, step: int) -> str:
+        tag, n = f"step_{step:08d}", 1
+        while (self.dir / tag).exists():
+            n += 1
+            tag = f"step_{step:08d}-{n}"
+        return tag
+
     def save(self, engine, meta: dict[str, Any], ema_state: dict | None) -> Path:
-        tag = f"step_{meta['step']:08d}"
-        final, partial = self.dir / tag, self.dir / f"{tag}.partial"
+        step = meta["state"]["step"]
+        if step == self.last_saved_step:
+            return self.last_path
+        t0 = time.perf_counter()
+        self.saves += 1
+        timer = _kill_hook(self.saves, self.env.rank)
+        tag = [None]
         if self.env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in self.dir.glob("*.partial"):
                 shutil.rmtree(stale, ignore_errors=True)
-        dist.barrier()
+            tag = [self._new_tag(step)]
+        dist.broadcast_object_list(tag, src=0)
+        tag = tag[0]
+        final, partial = self.dir / tag, self.dir / f"{tag}.partial"
         engine.save_checkpoint(str(self.dir), tag=partial.name, save_latest=False)
         torch.save(rng_state(), partial / f"rng_rank{self.env.rank}.pt")
-        dist.barrier()  # every rank's part is on disk
+        dist.barrier()  # every rank's part is written
+        fsync_tree(partial)  # each rank: what it wrote (and the rest) is on disk
+        dist.barrier()
         if self.env.is_main:
             if ema_state is not None:
                 torch.save(ema_state, partial / "ema.pt")
-            _write_atomically(partial / META, json.dumps(meta, indent=1))
-            if final.exists():  # the same step saved twice (epoch end on a save step): keep the new one
-                shutil.rmtree(final)
+                _fsync(partial / "ema.pt")
+            previous = self.complete()
+            meta = {**meta, "seq": 1 + max((seq for seq, _, _ in previous), default=0)}
+            write_atomically(partial / META, json.dumps(meta, indent=1))
             os.replace(partial, final)
-            _write_atomically(self.dir / "latest", tag + "\n")
-            for old in self.tags()[:-self.keep_last]:
-                shutil.rmtree(self.dir / old, ignore_errors=True)
-                shutil.rmtree(self.dir / f"{old}.universal", ignore_errors=True)
+            _fsync(self.dir)
+            write_atomically(self.dir / "latest", tag + "\n")
+            self._retain(tag)
         dist.barrier()
+        if timer is not None:  # the kill moment fell after the save: die at its very end
+            timer.cancel()
+            os.kill(os.getpid(), 9)
+        self.last_saved_step, self.last_path = step, final
+        self.log(f"[checkpoint] {final} ({time.perf_counter() - t0:.2f} s)")
         return final
+
+    def _retain(self, just_written: str) -> None:
+        entries = self.complete()
+        keep = {just_written} | {tag for _, tag, _ in entries[-self.keep_last:]}
+        if self.keep_best:
+            scored = [(m["top1"], seq, tag) for seq, tag, m in entries if m.get("top1") is not None]
+            keep |= {tag for _, _, tag in sorted(scored, reverse=True)[:self.keep_best]}
+        if self.keep_every_epochs:
+            keep |= {tag for _, tag, m in entries if m.get("epoch_end_save")
+                     and m["state"]["epoch"] % self.keep_every_epochs == 0}
+        for _, tag, _ in entries:
+            if tag not in keep:
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+                shutil.rmtree(self.dir / f"{tag}.universal", ignore_errors=True)
 
 
 def check_complete(tag_dir: Path) -> dict[str, Any]:
@@ -153,11 +248,14 @@ def consolidated_weights(tag_dir: Path, ema: bool = False) -> tuple[dict[str, to
     import io
 
     meta = check_complete(tag_dir)
+    if "engine" not in meta:
+        raise CheckpointError(f"checkpoint {tag_dir} was written by an older version of this trainer "
+                              "(no 'engine' record in meta.json): export or resume it with that version")
     if ema:
         if not (tag_dir / "ema.pt").is_file():
             raise CheckpointError(f"checkpoint {tag_dir} has no EMA weights (the run had train.model_ema=false)")
         return torch.load(tag_dir / "ema.pt", map_location="cpu", weights_only=True), meta
-    if meta["zero_stage"] > 0:
+    if meta["engine"]["zero_stage"] > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-shard progress
@@ -166,18 +264,27 @@ def consolidated_weights(tag_dir: Path, ema: bool = False) -> tuple[dict[str, to
     saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     state = {k: v.float() for k, v in saved["module"].items()}
     fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups")
-    if fp32_groups:  # bf16 at ZeRO 0: the module holds bf16 copies; the master weights are per group
-        from models import create_model
-
-        from .optim import decay_split
-
-        names = decay_split(create_model(meta["model"], **_model_args(meta)))
+    if fp32_groups:  # bf16 at ZeRO 0: the module holds bf16 copies; the fp32 master weights, by name
+        names = meta.get("fp32_group_names")
+        if names is None or [len(g) for g in names] != [len(g) for g in fp32_groups]:
+            raise CheckpointError(f"checkpoint {tag_dir}: its meta.json does not name the parameters of the "
+                                  "optimizer's fp32 master copy (written by an older version): export it with that version")
         for group_names, tensors in zip(names, fp32_groups):
-            if [state[n].shape for n in group_names] != [t.shape for t in tensors]:
-                raise CheckpointError(f"checkpoint {tag_dir}: optimizer groups do not match model "
-                                      f"{meta['model']}'s parameters; it was written by another version")
-            state.update({n: t.float() for n, t in zip(group_names, tensors)})
+            for name, tensor in zip(group_names, tensors):
+                if state[name].shape != tensor.shape:
+                    raise CheckpointError(f"checkpoint {tag_dir}: master weight {name} has shape "
+                                          f"{tuple(tensor.shape)}, the model's is {tuple(state[name].shape)}")
+                state[name] = tensor.float()
     return state, meta
+
+
+def fp32_group_names(engine) -> list[list[str]] | None:
+    """Parameter names of each fp32 master group of a ZeRO-0 bf16 engine (what export reads by name)."""
+    groups = getattr(engine.optimizer, "fp16_groups", None)
+    if engine.zero_optimization_stage() > 0 or groups is None:
+        return None
+    names = {p: n for n, p in engine.module.named_parameters()}
+    return [[names[p] for p in group] for group in groups]
 
 
 def _model_args(meta: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +309,7 @@ def export(tag_dir: Path, out: Path | None = None, ema: bool = False, dtype: tor
         out = tag_dir.parent.parent / "exported" / f"{meta['model']}-{tag_dir.name}{'-ema' if ema else ''}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_exported(tmp, meta["model"], {k: v.to(dtype) for k, v in state.items()}, args, step=meta["step"],
+    save_exported(tmp, meta["model"], {k: v.to(dtype) for k, v in state.items()}, args, step=meta["state"]["step"],
                   weights="ema" if ema else "model", source=str(tag_dir.resolve()))
     os.replace(tmp, out)
     return out

@@ -73,20 +73,23 @@ class AugConfig:
 
 @dataclass
 class OptimConfig:
-    opt: Literal["adamw"] = "adamw"
+    opt: Literal["adamw", "adam", "sgd", "momentum"] = "adamw"  # timm's names; sgd = Nesterov momentum SGD
     lr: float | None = knob(None, gt=0.0)  # null: lr_base * global_batch / lr_base_size
     lr_base: float = knob(5e-4, gt=0.0)
     lr_base_size: int = knob(512, ge=1)
     weight_decay: float = knob(0.05, ge=0.0)
-    betas: list[float] = knob([0.9, 0.999])
-    eps: float = knob(1e-8, gt=0.0)
+    betas: list[float] = knob([0.9, 0.999])  # adam/adamw
+    eps: float = knob(1e-8, gt=0.0)           # adam/adamw
+    momentum: float = knob(0.9, ge=0.0, lt=1.0)  # sgd/momentum
     clip_grad: float | None = knob(None, gt=0.0)  # global grad-norm clip; null: none
 
 
 @dataclass
 class ScheduleConfig:
-    sched: Literal["cosine"] = "cosine"    # stepped per optimizer update, not per epoch
+    sched: Literal["cosine", "step", "const"] = "cosine"  # timm's names; stepped per optimizer update
     warmup_epochs: float = knob(5.0, ge=0.0)
+    decay_epochs: float = knob(30.0, gt=0.0)   # step: lr x decay_rate every decay_epochs
+    decay_rate: float = knob(0.1, gt=0.0, le=1.0)
     warmup_lr: float = knob(1e-6, ge=0.0)
     min_lr: float = knob(1e-5, ge=0.0)
     cooldown_epochs: float = knob(0.0, ge=0.0)
@@ -101,7 +104,8 @@ class TrainConfig:
     seed: int = knob(0, ge=0)
     max_steps: int | None = knob(None, ge=1)     # stop after this many optimizer steps
     log_every: int = knob(50, ge=1)             # also how often a stop signal / NaN loss is checked
-    peak_tflops: float | None = knob(None, gt=0.0)  # per device, for MFU; null: known GPUs' bf16 peak
+    peak_tflops: float | None = knob(None, gt=0.0)  # per device, the MFU denominator; null: measured at start
+    max_rollbacks: int = knob(3, ge=0)           # non-finite loss: reload the last checkpoint this often, then exit 3
     model_ema: bool = False
     model_ema_decay: float = knob(0.99996, gt=0.0, lt=1.0)
     output_dir: str = "runs"
@@ -119,7 +123,9 @@ class DeepSpeedConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = knob(0, ge=0)   # 0: only at epoch ends
-    keep_last: int = knob(3, ge=1)
+    keep_last: int = knob(3, ge=1)     # the newest N written (write order, not step order)
+    keep_best: int = knob(0, ge=0)     # also the N best by val top-1 (EMA top-1 with train.model_ema)
+    keep_every_epochs: int = knob(0, ge=0)  # also every epoch-end checkpoint of epochs that are multiples of N
     dir: str | None = None             # null: <run dir>/checkpoints
 
 
@@ -432,6 +438,59 @@ def resolved(cfg: RunConfig, world_size: int) -> RunConfig:
         raise ConfigError(f"schedule.min_lr={out.schedule.min_lr:g} exceeds the lr {plan.lr:g} "
                           f"({plan.lr_rule})")
     return out
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything decided before a rank starts: the resolved config, the batch plan and the DeepSpeed
+    config the engine will run (generated + the user's JSON), with what that JSON changed."""
+    cfg: RunConfig
+    batch: BatchPlan
+    ds_config: dict[str, Any]
+    ds_overrides: list[str]
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def dtype(self) -> str:
+        if self.ds_config.get("bf16", {}).get("enabled"):
+            return "bf16"
+        return "fp16" if self.ds_config.get("fp16", {}).get("enabled") else "fp32"
+
+
+def plan_run(cfg: RunConfig, world_size: int, n_params: int | None = None) -> RunPlan:
+    """The one place where a run is checked as a whole, on the merged config (YAML + overrides + the
+    user's DeepSpeed JSON), before anything starts. Raises ConfigError naming the keys."""
+    from .ds_config import build_ds_config
+
+    batch = plan_batch(cfg, world_size)
+    cfg = resolved(cfg, world_size)
+    ds, changed = build_ds_config(cfg, batch, n_params)
+    plan = RunPlan(cfg, batch, ds, changed)
+    where = f" (set by {cfg.deepspeed.config})" if "zero_optimization.stage" in changed else ""
+    if cfg.train.model_ema and plan.zero_stage == 3:
+        raise ConfigError(f"train.model_ema=true needs the full weights on every rank, but the ZeRO stage is 3{where}: "
+                          "use deepspeed.zero_stage 0, 1 or 2 (ZeRO-3 partitions the parameters)")
+    if plan.dtype == "fp16":
+        raise ConfigError(f"deepspeed.config={cfg.deepspeed.config} enables fp16: this trainer runs fp32 or bf16 "
+                          "(deepspeed.bf16); fp16's loss scaling is not supported")
+    if (cfg.aug.mixup or cfg.aug.cutmix) and cfg.aug.mixup_prob > 0 and batch.batch_size % 2 \
+            and cfg.data.backend != "synthetic":
+        raise ConfigError(f"Mixup/CutMix need an even per-rank batch, but train.batch_size resolves to "
+                          f"{batch.batch_size} at world size {world_size}: change the batch or set aug.mixup=0 "
+                          "and aug.cutmix=0")
+    if cfg.data.backend != "synthetic":
+        if not cfg.data.root:
+            raise ConfigError(f"data.root is not set: data.backend={cfg.data.backend} needs the dataset's folder")
+        if cfg.data.backend in ("dali", "ffcv"):
+            from data_pipeline import DataError, require
+            try:
+                require("nvidia.dali" if cfg.data.backend == "dali" else "ffcv", cfg.data.backend)
+            except DataError as e:
+                raise ConfigError(str(e)) from None
+    return plan
 
 
 def find_config(name: str) -> Path:

@@ -24,6 +24,13 @@ def _merge(base: dict, extra: dict, prefix: str = "") -> list[str]:
 
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce/allgather bucket (elements)
 DEFAULT_PREFETCH = 50_000_000  # ZeRO-3 prefetch bucket
+BUCKET_ALIGNMENT = 256  # DeepSpeed asserts buckets are a multiple of its NCCL start alignment (2 elements)
+
+
+def bucket_size(n_params: int, default: int) -> int:
+    """min(default, the parameter count rounded up to the alignment): a model with an odd count
+    (num_classes=3) would otherwise fail DeepSpeed's allgather_bucket_size assertion at ZeRO 1/2."""
+    return min(default, -(-n_params // BUCKET_ALIGNMENT) * BUCKET_ALIGNMENT)
 
 
 def build_ds_config(cfg: RunConfig, plan: BatchPlan, n_params: int | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -43,9 +50,9 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, n_params: int | None = None
     }
     if n_params and cfg.deepspeed.zero_stage > 0:
         zero = ds["zero_optimization"]
-        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = min(DEFAULT_BUCKET, n_params)
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = bucket_size(n_params, DEFAULT_BUCKET)
         if cfg.deepspeed.zero_stage == 3:
-            zero["stage3_prefetch_bucket_size"] = min(DEFAULT_PREFETCH, n_params)
+            zero["stage3_prefetch_bucket_size"] = bucket_size(n_params, DEFAULT_PREFETCH)
     changed: list[str] = []
     if cfg.deepspeed.config:
         path = Path(cfg.deepspeed.config)

@@ -351,3 +351,29 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def start_run_tracking(cfg, run_dir: Path, world_size: int, run_id: str | None, restarts: int, step: int,
+                       log) -> Tracker:
+    """Rank 0's MLflow run: a new one (params, tags, config files), or the checkpoint's run continued
+    with a restart tag."""
+    from models import model_info
+
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(cfg.train.output_dir)
+    tracker = Tracker(uri, cfg.tracking.experiment, run_dir, run_dir.name, run_id, artifact_root=local_artifact_root(uri),
+                      system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s, log=log)
+    tags = {"world_size": world_size, "restart_count": restarts, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+    if "SLURM_JOB_ID" in os.environ:  # SLURM sets the count from the first requeue on
+        tags["slurm_restart_count"] = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if run_id is None:
+        info = model_info(cfg.model.name)
+        tracker.log_params(flatten(cfg.to_dict()))
+        tracker.set_tags({**tags, "model": cfg.model.name, "family": info.family, "git_commit": git_commit(),
+                          "mlflow.runName": run_dir.name})
+        for name in ("config.yaml", "deepspeed_config.json"):
+            tracker.log_artifact(run_dir / name)
+    else:
+        tracker.set_tags({**tags, f"restart_{restarts}_from_step": step})
+        for name in ("config.yaml", "deepspeed_config.json"):
+            tracker.log_artifact(run_dir / name, f"restart_{restarts}")
+    return tracker

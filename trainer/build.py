@@ -1,0 +1,57 @@
+"""RunConfig -> model and DeepSpeed engine: the one builder that training, evaluation and every
+benchmark call, so what they measure is what the trainer runs."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+
+from models import create_model
+
+from .config import RunConfig, RunPlan
+from .losses import SoftTargetCrossEntropy
+from .optim import build_optimizer, build_scheduler
+
+
+def build_model(cfg: RunConfig, **overrides) -> nn.Module:
+    m = cfg.model
+    args = dict(num_classes=m.num_classes, img_size=m.img_size, drop_path=m.drop_path)
+    return create_model(m.name, **{**args, **overrides})
+
+
+def build_engine(plan: RunPlan, model: nn.Module, steps_per_epoch: int = 1, total_steps: int = 1,
+                 load_universal: bool = False):
+    """deepspeed.initialize with the run's optimizer, schedule and generated DeepSpeed config."""
+    import deepspeed
+
+    cfg, lr = plan.cfg, plan.batch.lr
+    optimizer = build_optimizer(cfg, model, lr)
+    scheduler = build_scheduler(cfg, optimizer, lr, steps_per_epoch, total_steps)
+    ds_config = copy.deepcopy(plan.ds_config)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def build_loss(state=None) -> nn.Module:
+    """The training loss. Test-only: TRAIN_TEST_NAN_AT_STEP=N makes the loss of step N non-finite once
+    (the first time this process reaches it), to exercise the rollback."""
+    loss = SoftTargetCrossEntropy()
+    at = os.environ.get("TRAIN_TEST_NAN_AT_STEP")
+    return loss if not at or state is None else _NanOnce(loss, state, int(at))
+
+
+class _NanOnce(nn.Module):
+    def __init__(self, loss: nn.Module, state, step: int) -> None:
+        super().__init__()
+        self.loss, self.state, self.step = loss, state, step
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = self.loss(logits, target)
+        if self.state.step + 1 == self.step:
+            self.step = -1
+            return value * float("nan")
+        return value

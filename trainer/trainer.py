@@ -1,0 +1,406 @@
+"""The Trainer: built once from a RunConfig; `train()` is the step loop and reads top to bottom.
+
+What survives a restart lives in one RunState (trainer/state.py), saved whole with every
+checkpoint. The periodic work is done by components that decide from the RunState when they are
+due: the WindowMeter (loss, speed, MFU, the non-finite check and the stop check every
+`train.log_every` steps and at epoch ends), the Evaluator (epoch ends and the run's end) and the
+Checkpointer (every N steps, epoch ends, a stop, the end; never the same step twice). The host
+synchronises with the device only in those components.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data_pipeline import build_loaders
+from data_pipeline.sharding import epoch_end, resumed_epoch_end
+from models import count_params
+
+from .build import build_engine, build_loss, build_model
+from .checkpoint import CheckpointError, Checkpointer, check_complete, fp32_group_names, set_rng_state, to_universal
+from .config import RunConfig, plan_run
+from .distributed import DistEnv, init_distributed
+from .ema import ModelEma
+from .evaluate import evaluate
+from .mfu import mfu_pct, peak_tflops, train_flops_per_image
+from .state import RunState
+from .tracking import Tracker, run_id_of, start_run_tracking
+
+EXIT_PREEMPTED = 85   # checkpointed after a stop signal: requeue me
+EXIT_NONFINITE = 3    # the loss stayed NaN/inf after train.max_rollbacks reloads
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    top1: float | None = None
+    top5: float | None = None
+    ema_top1: float | None = None
+    preempted: bool = False
+    rollbacks: int = 0
+    # steady-state training speed: images/s over the log windows after the run's first (which holds
+    # start-up: loader workers, FFCV's compile, DALI's build); None with fewer than two windows
+    images_per_sec: float | None = None
+
+
+class StopRequest:
+    """Signal handlers only set a flag; the loop acts on it at the next log window."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def done(self) -> None:
+        """The stop checkpoint is written: later signals (a launcher terminating the other ranks once
+        one exited) must not turn the exit code 85 into a death by signal."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+class WindowMeter:
+    """Per log window: the mean loss, images/s, MFU, DeepSpeed's skipped steps, the non-finite check and
+    the stop agreement, all in one all-reduce. Between windows it only adds on the device."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.t, dev = trainer, trainer.env.device
+        self.every = trainer.cfg.train.log_every
+        self.sums = torch.zeros(3, device=dev)  # loss sum, non-finite flag, stop flag
+        self.one = torch.ones((), device=dev)
+        self.micro, self.steps = 0, 0
+        self.t0, self.paused_s, self.windows = time.perf_counter(), 0.0, 0
+        self.steady_images, self.steady_s = 0, 0.0
+        self.start = (trainer.state.epoch, trainer.state.epoch_sample)  # where this window's data began
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sums[0] += loss
+        self.sums[1] = torch.maximum(self.sums[1], (~torch.isfinite(loss)).float())
+        self.micro += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Evaluation and checkpoints are not training time."""
+        t0 = time.perf_counter()
+        yield
+        self.paused_s += time.perf_counter() - t0
+
+    def restart(self) -> None:
+        self.sums.zero_()
+        self.micro, self.steps, self.paused_s, self.t0 = 0, 0, 0.0, time.perf_counter()
+        self.start = (self.t.state.epoch, self.t.state.epoch_sample)
+
+    def log(self, steps: int) -> tuple[bool, bool]:
+        """(finite, stop requested on any rank) for the window just ended; logs it when finite."""
+        t, state = self.t, self.t.state
+        self.sums[2] = float(t.stopper.signum != 0)
+        dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
+        loss_sum, bad, stop = self.sums.tolist()
+        if bad:
+            return False, bool(stop)
+        dt = time.perf_counter() - self.t0 - self.paused_s
+        images = steps * t.plan.batch.global_batch
+        ips = images / dt
+        if self.windows:
+            self.steady_images, self.steady_s = self.steady_images + images, self.steady_s + dt
+        self.windows += 1
+        loss = loss_sum / t.env.world_size / self.micro
+        lr, grad_norm = t.engine.lr_scheduler.get_last_lr()[0], float(t.engine.get_global_grad_norm() or 0)
+        mfu = mfu_pct(ips, t.flops_per_image, t.peak, t.env.world_size)
+        t.log(f"epoch {state.epoch} step {state.step}/{t.total_steps} loss {loss:.4f} lr {lr:.3g} "
+              f"grad_norm {grad_norm:.3f} {ips:.0f} img/s MFU {mfu:.1f}%")
+        if t.tracker:
+            t.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                   "train/images_per_sec": ips, "train/epoch": state.epoch, "train/mfu": mfu,
+                                   "train/skipped_steps": t.engine.skipped_steps}, state.step)
+        return True, bool(stop)
+
+
+class Evaluator:
+    """Top-1/top-5 of the engine (and of the EMA weights) on the val set; keeps the best in the RunState."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.t = trainer
+        self.ema_model = None
+        self.top1 = self.top5 = self.ema_top1 = None
+
+    def run(self) -> None:
+        t, state = self.t, self.t.state
+        t.engine.eval()
+        self.top1, self.top5 = evaluate(t.engine, t.val_loader, t.env.device, t.dtype)
+        line, metrics = (f"epoch {state.epoch} step {state.step} val top1 {self.top1:.2f} top5 {self.top5:.2f}",
+                         {"val/top1": self.top1, "val/top5": self.top5})
+        if t.ema is not None:
+            if self.ema_model is None:
+                self.ema_model = build_model(t.cfg, drop_path=None).to(t.env.device).eval()
+            self.ema_model.load_state_dict(t.ema.state_dict())
+            autocast = torch.autocast(t.env.device.type, dtype=torch.bfloat16) if t.dtype == torch.bfloat16 \
+                else contextlib.nullcontext()
+            with autocast:
+                self.ema_top1, ema_top5 = evaluate(self.ema_model, t.val_loader, t.env.device, torch.float32)
+            line += f" | EMA top1 {self.ema_top1:.2f} top5 {ema_top5:.2f}"
+            metrics.update({"val/ema_top1": self.ema_top1, "val/ema_top5": ema_top5})
+        t.engine.train()
+        state.last_top1 = self.ema_top1 if t.ema is not None else self.top1
+        state.best_top1 = max(state.best_top1 or 0.0, state.last_top1)
+        t.log(line)
+        if t.tracker:
+            t.tracker.log_metrics(metrics, state.step)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resume_point(cfg: RunConfig, ckpt: Checkpointer) -> tuple[Path, dict] | None:
+    if cfg.train.resume == "none":
+        return None
+    tag_dir = ckpt.latest() if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if tag_dir is None:
+        return None
+    meta = check_complete(tag_dir)
+    if "state" not in meta:
+        raise CheckpointError(f"checkpoint {tag_dir} was written by an older version of this trainer (no RunState "
+                              "in meta.json): resume it with that version, or start anew with train.resume=none")
+    if meta.get("model") != cfg.model.name:
+        raise CheckpointError(f"checkpoint {tag_dir} is of model {meta.get('model')!r}, but model.name="
+                              f"{cfg.model.name!r}: use another train.run_name / train.resume, or the matching config")
+    return tag_dir, meta
+
+
+def run_directory(cfg: RunConfig) -> Path:
+    name = [cfg.train.run_name or f"{cfg.model.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"]
+    dist.broadcast_object_list(name, src=0)  # every rank uses rank 0's timestamp
+    return Path(cfg.train.output_dir) / name[0]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.stopper = StopRequest()  # first: a stop signal during start-up must not kill the rank
+        self.env = env = init_distributed()
+        self.log = (lambda *a: print(*a, flush=True)) if env.is_main else (lambda *a: None)
+        seed_everything(cfg.train.seed + env.rank)
+        model = build_model(cfg)
+        self.plan = plan = plan_run(cfg, env.world_size, count_params(model))
+        self.cfg = cfg = plan.cfg
+        self.run_dir = run_directory(cfg)
+        c = cfg.checkpoint
+        self.checkpointer = Checkpointer(Path(c.dir) if c.dir else self.run_dir / "checkpoints", c.keep_last, env,
+                                         every_steps=c.every_steps, keep_best=c.keep_best,
+                                         keep_every_epochs=c.keep_every_epochs, log=self.log)
+        resume = resume_point(cfg, self.checkpointer)
+        self.flops_per_image = train_flops_per_image(model, cfg.model.img_size)
+        self.train_loader, self.val_loader = build_loaders(cfg, env.rank, env.world_size, env.device)
+        self.step_samples = plan.batch.global_batch
+        self.epoch_end = epoch_end(self.train_loader.num_samples, self.step_samples)
+        self.steps_per_epoch = self.epoch_end // self.step_samples
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        universal = bool(resume) and resume[1]["engine"]["world_size"] != env.world_size and plan.zero_stage > 0
+        self.engine = build_engine(plan, model, self.steps_per_epoch, self.total_steps, load_universal=universal)
+        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        self.ema = ModelEma(self.engine.module, cfg.train.model_ema_decay) if cfg.train.model_ema else None
+        self.state = RunState(epoch_end=self.epoch_end)
+        self.loss_fn = build_loss(self.state)
+        if resume:
+            self.restore(*resume)
+            self.state.restarts += 1
+        self.peak, peak_source = peak_tflops(cfg.train.peak_tflops, env.device, self.dtype == torch.bfloat16)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(plan.ds_config, indent=1))
+        b = plan.batch
+        self.log(f"[plan] {cfg.model.name}: world size {env.world_size}; batch {b.batch_size}/rank x accum "
+                 f"{b.grad_accum} x {env.world_size} ranks = global {b.global_batch}; {self.steps_per_epoch} "
+                 f"steps/epoch, {self.total_steps} steps ({cfg.train.epochs} epochs"
+                 f"{', max_steps ' + str(cfg.train.max_steps) if cfg.train.max_steps else ''}); lr {b.lr:g} "
+                 f"({b.lr_rule}); {cfg.optim.opt}, {cfg.schedule.sched} schedule; ZeRO stage "
+                 f"{self.engine.zero_optimization_stage()}; {plan.dtype} on {env.device.type}; data "
+                 f"{cfg.data.backend}; MFU against {peak_source}; run dir {self.run_dir}")
+        if plan.ds_overrides:
+            self.log(f"[deepspeed] {cfg.deepspeed.config} overrides: {', '.join(plan.ds_overrides)}")
+        if resume and self.state.tracking_run_id is None:  # checkpointed before the run was created
+            self.state.tracking_run_id = run_id_of(self.run_dir)
+        self.tracker: Tracker | None = None
+        if env.is_main and cfg.tracking.enabled:
+            self.tracker = start_run_tracking(cfg, self.run_dir, env.world_size, self.state.tracking_run_id,
+                                              self.state.restarts, self.state.step, self.log)
+            self.state.tracking_run_id = self.tracker.run_id
+        self.meter, self.evaluator = WindowMeter(self), Evaluator(self)
+        self.bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                        disable=not (env.is_main and sys.stderr.isatty()))
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def batches(self):
+        """Micro-batches from the RunState's position on, epoch after epoch, each with whether it ends an
+        optimizer step; an epoch's windows leave out what a rollback excluded."""
+        state, accum = self.state, self.plan.batch.grad_accum
+        while not self.finished:
+            epoch = state.epoch
+            for start, end in state.windows():
+                state.epoch_sample = start  # jumps over a skipped window
+                self.train_loader.set_window(epoch, start, end)
+                for i, (images, targets) in enumerate(self.train_loader, 1):
+                    yield images, targets, i % accum == 0
+                if state.epoch != epoch:
+                    break
+
+    def train(self) -> TrainResult:
+        state, engine = self.state, self.engine
+        engine.train()
+        while not self.finished:
+            for images, targets, step_done in self.batches():
+                loss = self.loss_fn(engine(images.to(self.dtype)), targets)
+                engine.backward(loss)
+                engine.step()
+                self.meter.add(loss.detach())
+                if not step_done:
+                    continue
+                state.advance(self.step_samples)
+                self.meter.steps += 1
+                if self.ema is not None:
+                    self.ema.update(engine.module)
+                self.bar.update(1)
+                epoch_done, stop = state.epoch_done, False
+                if self.meter.due(state.step) or epoch_done or self.finished:
+                    finite, stop = self.meter.log(self.meter.steps)
+                    if not finite:
+                        self.roll_back()
+                        break
+                    self.meter.restart()
+                if epoch_done or self.finished:
+                    with self.meter.paused():
+                        self.evaluator.run()
+                if epoch_done:
+                    state.next_epoch(self.epoch_end)
+                if self.checkpointer.due(state.step) or epoch_done or stop or self.finished:
+                    self.save(epoch_end=epoch_done)
+                if stop:
+                    self.log(f"[stop] signal received: checkpoint {self.checkpointer.last_path} written at step "
+                             f"{state.step}; exit {EXIT_PREEMPTED}")
+                    self.stopper.done()
+                    return self.finish(preempted=True)
+                if self.finished:
+                    break
+        return self.finish()
+
+    def save(self, epoch_end: bool = False) -> Path:
+        engine = self.engine
+        meta = dict(model=self.cfg.model.name, state=self.state.state_dict(),
+                    engine=dict(zero_stage=engine.zero_optimization_stage(), dtype=self.plan.dtype,
+                                world_size=self.env.world_size),
+                    plan=dict(batch_size=self.plan.batch.batch_size, grad_accum=self.plan.batch.grad_accum,
+                              global_batch=self.plan.batch.global_batch),
+                    epoch_end_save=epoch_end, top1=self.state.last_top1 if epoch_end else None,
+                    fp32_group_names=fp32_group_names(engine), config=self.cfg.to_dict())
+        with self.meter.paused():
+            return self.checkpointer.save(engine, meta, self.ema.state_dict() if self.ema else None)
+
+    def restore(self, tag_dir: Path, meta: dict) -> None:
+        """Engine, RunState, EMA and RNG from a checkpoint; at another world size through DeepSpeed's
+        universal format, the interrupted epoch continued exactly once per image (sharding.py)."""
+        env, state = self.env, self.state
+        same_size = meta["engine"]["world_size"] == env.world_size
+        load_dir = tag_dir if same_size or self.plan.zero_stage == 0 else to_universal(tag_dir, env)
+        self.engine._config.load_universal_checkpoint = load_dir != tag_dir
+        self.engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name)
+        state.load_state_dict(meta["state"])
+        if meta["plan"]["global_batch"] != self.step_samples and state.epoch_sample:
+            state.epoch_end = resumed_epoch_end(self.train_loader.num_samples, state.epoch_sample, state.epoch_end,
+                                                self.step_samples)
+        elif state.epoch_sample == 0:
+            state.epoch_end = self.epoch_end
+        rng_file = tag_dir / f"rng_rank{env.rank}.pt"
+        if rng_file.is_file() and same_size:
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            seed_everything(self.cfg.train.seed + env.rank + 1_000_003 * state.step)
+        if self.ema is not None:
+            self.ema.load_state_dict(torch.load(tag_dir / "ema.pt", map_location=env.device))
+        how = "same world size" if same_size else \
+            f"world size {env.world_size}, saved at {meta['engine']['world_size']}" + \
+            (" (converted to a universal checkpoint)" if load_dir != tag_dir else "")
+        self.log(f"[resume] {tag_dir}: step {state.step}, epoch {state.epoch} (+{state.epoch_sample} samples); {how}")
+
+    def roll_back(self) -> None:
+        """A non-finite loss in the last log window: reload the last checkpoint and never read that
+        window's samples again; after train.max_rollbacks of them, give up (exit 3)."""
+        state, last = self.state, self.checkpointer.latest()
+        epoch, start = self.meter.start
+        where = f"steps {state.step - self.meter.steps + 1}-{state.step} (epoch {epoch}, samples {start}-{state.epoch_sample})"
+        if last is None or state.rollbacks >= self.cfg.train.max_rollbacks:
+            raise NonFiniteLoss(f"non-finite loss in {where}; {state.rollbacks} rollbacks done (train.max_rollbacks="
+                                f"{self.cfg.train.max_rollbacks}); last good checkpoint: {last or 'none'} (lower "
+                                "optim.lr, check the data, or resume from that checkpoint)")
+        kept = dict(skip=[*state.skip, [epoch, start, state.epoch_sample]], rollbacks=state.rollbacks + 1,
+                    restarts=state.restarts, tracking_run_id=state.tracking_run_id)
+        self.restore(last, check_complete(last))
+        state.load_state_dict(kept)
+        rollbacks = state.rollbacks
+        self.checkpointer.last_saved_step = None  # the steps after `last` are written again
+        self.log(f"[rollback] non-finite loss in {where}: reloaded {last}, skipping those samples "
+                 f"(rollback {rollbacks} of at most {self.cfg.train.max_rollbacks})")
+        if self.tracker:
+            self.tracker.log_metrics({"train/rollback_step": state.step, "train/rollbacks": rollbacks}, state.step)
+            self.tracker.set_tags({f"rollback_{rollbacks}": where})
+        self.bar.n = state.step
+        self.meter.restart()
+
+    def finish(self, preempted: bool = False) -> TrainResult:
+        self.bar.close()
+        m, e = self.meter, self.evaluator
+        return TrainResult(step=self.state.step, top1=e.top1, top5=e.top5, ema_top1=e.ema_top1, preempted=preempted,
+                           rollbacks=self.state.rollbacks,
+                           images_per_sec=m.steady_images / m.steady_s if m.steady_s else None)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Build the Trainer and run it; the MLflow run ends FINISHED, KILLED (preempted) or FAILED."""
+    from .checkpoint import export
+
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.train()
+        if result.top1 is None:  # resumed a run that had already finished: report its accuracy
+            trainer.evaluator.run()
+            result.top1, result.top5 = trainer.evaluator.top1, trainer.evaluator.top5
+    except BaseException:
+        if trainer.tracker:
+            trainer.tracker.finish("FAILED")
+        raise
+    if trainer.tracker:
+        last = trainer.checkpointer.latest()
+        if not result.preempted and cfg.tracking.log_model and last:
+            for weights_ema in ([False, True] if trainer.ema else [False]):
+                trainer.tracker.log_artifact(export(last, ema=weights_ema), "model")
+        trainer.tracker.finish("KILLED" if result.preempted else "FINISHED")
+    return result
