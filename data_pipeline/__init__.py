@@ -4,13 +4,14 @@
 
 A train loader reads a window of an epoch, `set_window(epoch, start, end)` in global sample
 offsets (data_pipeline/sharding.py: an offset means the same at every world size), and yields
-(images, targets) ready for the model: float NCHW, normalised, on the training device. Train targets are soft (B, num_classes) — label smoothing and
-Mixup/CutMix folded in; val targets are class indices.
+(images, targets) ready for the model: float NCHW, normalised, on the training device. Train
+targets are soft (B, num_classes) — label smoothing and Mixup/CutMix folded in; val targets are
+class indices.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 IMAGENET_FILL = (124, 116, 104)  # timm's img_mean fill: round(255 * IMAGENET_DEFAULT_MEAN)
 _LEVEL_DENOM = 10.0

@@ -92,7 +92,7 @@ class FfcvSource:
                                  pipelines={"image": image_ops, "label": label_ops})
         self.order = _Order(order_fn)
         self.loader.traversal_order = self.order
-        self.num_samples = n
+        self.num_samples = int(n)
         self.batches_per_epoch = -(-len(order_fn(0, 0, None)) // batch_size)
 
     def batches(self, epoch: int, start: int, end: int | None):

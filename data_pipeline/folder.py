@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -114,17 +114,12 @@ class ImageFolderSplit(Dataset):
         self.samples, self.img_size, self.train, self.seed = samples, img_size, train, seed
         self.scale, self.ratio, self.hflip, self.crop_pct = tuple(scale), tuple(ratio), hflip, crop_pct
         self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
-        # test-only: append "epoch index" for every train sample read (tests count how often each is used)
-        self.record = os.environ.get("TRAIN_TEST_RECORD_SAMPLES") if train else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
-        if self.record:
-            with open(self.record, "a") as f:
-                f.write(f"{epoch} {index}\n")
         path, label = self.samples[index]
         img = load_rgb(path)
         size = self.img_size
@@ -172,4 +167,14 @@ class FolderSource:
 
     def batches(self, epoch: int, start: int, end: int | None):
         self.sampler.epoch, self.sampler.start, self.sampler.end = epoch, start, end
-        return iter(self.loader)
+        record = os.environ.get("TRAIN_TEST_RECORD_SAMPLES") if self.dataset.train else None
+        return self._recorded(record) if record else iter(self.loader)
+
+    def _recorded(self, path: str):
+        """Test-only: append "epoch index" of every train sample as its batch is handed on (not when a
+        worker prefetches it), so tests can count how often each image is used."""
+        order = iter(self.sampler)
+        for batch in self.loader:
+            with open(path, "a") as f:
+                f.write("".join(f"{e} {i}\n" for e, i in next(order)))
+            yield batch

@@ -77,7 +77,7 @@ def write_atomically(path: Path, write) -> None:
 def write_filelists(root: Path, samples: dict[str, tuple[list, list[str]]]) -> None:
     for split, (items, _) in samples.items():
         lines = "".join(f"{Path(p).relative_to(root)} {label}\n" for p, label in items)
-        write_atomically(filelist_path(root, split), lambda tmp: tmp.write_text(lines))
+        write_atomically(filelist_path(root, split), lambda tmp, lines=lines: tmp.write_text(lines))
 
 
 class _RgbSamples:
@@ -105,7 +105,7 @@ def write_ffcv(samples, out: Path, max_side: int, quality: int, compress_fractio
         fields = {"image": RGBImageField(write_mode="proportion", max_resolution=max_side,
                                          compress_probability=compress_fraction, jpeg_quality=quality),
                   "label": IntField()}
-        write_atomically(out / f"{split}.beton", lambda tmp: DatasetWriter(
+        write_atomically(out / f"{split}.beton", lambda tmp, fields=fields, items=items: DatasetWriter(
             str(tmp), fields, num_workers=workers).from_indexed_dataset(_RgbSamples(items)))
         print(f"[{split}] wrote {out / f'{split}.beton'} ({(out / f'{split}.beton').stat().st_size / 2**20:.1f} MiB, "
               f"{len(items)} images)")

@@ -40,7 +40,8 @@ def ds_engine(model, stage: int, bf16: bool, batch: int, world: int, ds_json: st
     """The engine exactly as the trainer builds it (trainer/build.py)."""
     cfg = load_config(CONFIG_DIR / "cs_mixer.yaml", [f"deepspeed.config={ds_json or 'null'}",
         f"deepspeed.zero_stage={stage}", f"deepspeed.bf16={str(bf16).lower()}", f"train.batch_size={batch}",
-        "train.grad_accum=1", "train.global_batch=null", "optim.clip_grad=null", "data.backend=synthetic"])
+        "train.grad_accum=1", "train.global_batch=null", "optim.clip_grad=null", "data.backend=synthetic",
+        "schedule.min_lr=0"])
     return build_engine(plan_run(cfg, world, count_params(model)), model)
 
 

@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_pipeline import DataError, build_loaders
     from models.exported import load_exported
+    from trainer.build import build_model
     from trainer.checkpoint import CheckpointError, consolidated_weights, find_checkpoint
     from trainer.config import ConfigError, config_from_dict, find_config, load_config, resolved
     from trainer.distributed import init_distributed, shutdown
-    from trainer.build import build_model
     from trainer.evaluate import evaluate
 
     # evaluation keeps the per-rank batch, whatever the world size the run trained with

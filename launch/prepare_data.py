@@ -20,8 +20,14 @@ import sys
 from pathlib import Path
 
 from data_pipeline.folder import filelist_path
-from data_pipeline.prepare import (PrepareError, verified_samples, write_digits, write_ffcv, write_filelists,
-                                   write_synthetic)
+from data_pipeline.prepare import (
+    PrepareError,
+    verified_samples,
+    write_digits,
+    write_ffcv,
+    write_filelists,
+    write_synthetic,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

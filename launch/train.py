@@ -2,8 +2,10 @@
 
 Runs the same under `deepspeed --num_gpus N`, `torchrun --nproc_per_node N`, `srun` (ranks from the
 SLURM variables) and as one plain process. `--print-config` prints the resolved config, `--dry-run`
-the run's plan (world size, batches, lr, ZeRO stage), and both exit without creating anything. Exit codes: 0 done, 2 bad input, 3 non-finite loss, 85 stopped by a
-signal after writing a checkpoint (requeue and run the same command to resume).
+the run's plan (world size, batches, lr, ZeRO stage), and both exit without creating anything.
+Every rule is checked on the merged config (YAML, overrides, the DeepSpeed JSON) before a rank starts.
+Exit codes: 0 done, 2 bad input, 3 non-finite loss after train.max_rollbacks reloads, 85 stopped
+by a signal after writing a checkpoint (requeue and run the same command to resume).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     try:
         cfg = load_config(find_config(args.config), args.overrides)
-        run = plan_run(cfg, world_size)  # every rule, on the merged config, before anything starts
+        # every rule, on the merged config, before anything starts
+        run = plan_run(cfg, world_size, check_data=not (args.print_config or args.dry_run))
         plan = run.batch
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

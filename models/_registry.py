@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

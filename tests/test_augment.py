@@ -15,10 +15,21 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from data_pipeline.augment import (
+    AUTOAUG_IMAGENET,
+    IMAGENET_FILL,
+    OPS,
+    RAND_INCREASING_TRANSFORMS,
+    RAND_TRANSFORMS,
+    AutoAugment,
+    DeviceAugment,
+    MixupCutmix,
+    RandAugment,
+    RandomErasing,
+    apply_op,
+    build_auto_augment,
+)
 from trainer.losses import SoftTargetCrossEntropy
-from data_pipeline.augment import (AUTOAUG_IMAGENET, IMAGENET_FILL, OPS, RAND_INCREASING_TRANSFORMS,
-                                   RAND_TRANSFORMS, AutoAugment, DeviceAugment, MixupCutmix, RandAugment,
-                                   RandomErasing, apply_op, build_auto_augment)
 
 H, W = 20, 24  # not square, so a swapped height/width shows
 

@@ -8,8 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_script
-from trainer.config import (CONFIG_DIR, ConfigError, find_config, load_config, parse_override, plan_batch,
-                            resolved)
+from trainer.config import CONFIG_DIR, ConfigError, find_config, load_config, parse_override, plan_batch, resolved
 
 VARIANTS = ["cs_mixer_tiny", "cs_mixer_t", "cs_mixer_s", "cs_mixer_b", "cs_mixer_l",
             "s2mlpv2_tiny", "s2mlpv2_small", "s2mlpv2_medium"]

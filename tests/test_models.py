@@ -36,7 +36,7 @@ def test_models_json_matches_spec_counts():
 def test_models_table_shows_paper_figures():
     result = run_script("-m", "models")
     assert result.returncode == 0, result.stderr
-    line = next(l for l in result.stdout.splitlines() if l.startswith("cs_mixer_l "))
+    line = next(row for row in result.stdout.splitlines() if row.startswith("cs_mixer_l "))
     assert "94,187,688" in line and "13.709" in line and "94 M" in line and "83.2 %" in line
 
 

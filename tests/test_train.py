@@ -71,7 +71,7 @@ def test_unrunnable_settings_fail_early_and_create_nothing(tmp_path, override, m
 def test_too_large_batch_fails_early(tmp_path, digits_root):
     result = run_script(TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", "train.batch_size=2000",
                         f"train.output_dir={tmp_path}/runs", cwd=tmp_path)
-    assert result.returncode == 2 and "1442 training samples cannot fill one batch of 2000" in result.stderr
+    assert result.returncode == 2 and "1442 training samples cannot fill one optimizer step of 2000 samples" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -91,7 +91,7 @@ def test_model_benchmark_prints_and_writes_json(tmp_path):
 
 
 def step_losses(stdout: str) -> dict[int, float]:
-    return {int(s): float(l) for s, l in re.findall(r"step (\d+)/\d+ loss ([0-9.]+)", stdout)}
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+)/\d+ loss ([0-9.]+)", stdout)}
 
 
 def ds_run(tmp_path, digits_root, *overrides, nproc=2, name="run", popen=False):
@@ -150,20 +150,6 @@ def test_signal_stop_then_resume_continues_exactly(tmp_path, digits_root):
     ema_a = torch.load(tmp_path / "full/checkpoints/step_00000014/ema.pt")
     ema_b = torch.load(tmp_path / "cut/checkpoints/step_00000014/ema.pt")
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
-
-
-@pytest.mark.slow
-def test_resume_at_another_world_size(tmp_path, digits_root):
-    r = ds_run(tmp_path, digits_root, "train.max_steps=3", name="ws")
-    assert r.returncode == 0, r.stderr[-3000:]
-    one = ds_run(tmp_path, digits_root, "train.max_steps=6", name="ws", nproc=0)
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert "converted to a universal checkpoint for world size 1 (saved at 2)" in one.stdout
-    assert sorted(step_losses(one.stdout)) == [4, 5, 6]
-    two = ds_run(tmp_path, digits_root, "train.max_steps=8", name="ws")
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "converted to a universal checkpoint for world size 2 (saved at 1)" in two.stdout
-    assert sorted(step_losses(two.stdout)) == [7, 8]
 
 
 def test_bad_checkpoints_fail_with_what_to_do(tmp_path, digits_root):

@@ -460,9 +460,10 @@ class RunPlan:
         return "fp16" if self.ds_config.get("fp16", {}).get("enabled") else "fp32"
 
 
-def plan_run(cfg: RunConfig, world_size: int, n_params: int | None = None) -> RunPlan:
+def plan_run(cfg: RunConfig, world_size: int, n_params: int | None = None, check_data: bool = True) -> RunPlan:
     """The one place where a run is checked as a whole, on the merged config (YAML + overrides + the
-    user's DeepSpeed JSON), before anything starts. Raises ConfigError naming the keys."""
+    user's DeepSpeed JSON), before anything starts. Raises ConfigError naming the keys.
+    check_data=False: a plan to print (--print-config, --dry-run) on a machine without the data."""
     from .ds_config import build_ds_config
 
     batch = plan_batch(cfg, world_size)
@@ -481,7 +482,7 @@ def plan_run(cfg: RunConfig, world_size: int, n_params: int | None = None) -> Ru
         raise ConfigError(f"Mixup/CutMix need an even per-rank batch, but train.batch_size resolves to "
                           f"{batch.batch_size} at world size {world_size}: change the batch or set aug.mixup=0 "
                           "and aug.cutmix=0")
-    if cfg.data.backend != "synthetic":
+    if check_data and cfg.data.backend != "synthetic":
         if not cfg.data.root:
             raise ConfigError(f"data.root is not set: data.backend={cfg.data.backend} needs the dataset's folder")
         if cfg.data.backend in ("dali", "ffcv"):

@@ -29,9 +29,9 @@ from data_pipeline.sharding import epoch_end, resumed_epoch_end
 from models import count_params
 
 from .build import build_engine, build_loss, build_model
-from .checkpoint import CheckpointError, Checkpointer, check_complete, fp32_group_names, set_rng_state, to_universal
+from .checkpoint import Checkpointer, CheckpointError, check_complete, fp32_group_names, set_rng_state, to_universal
 from .config import RunConfig, plan_run
-from .distributed import DistEnv, init_distributed
+from .distributed import init_distributed
 from .ema import ModelEma
 from .evaluate import evaluate
 from .mfu import mfu_pct, peak_tflops, train_flops_per_image

@@ -1,0 +1,309 @@
+"""The trainer core: RunState, the sample arithmetic of resuming at another world size, one save per
+step, write-order retention, checkpoints that survive SIGKILL at any moment of a save, rollback
+after a non-finite loss, and validation of the merged config (YAML + overrides + DeepSpeed JSON)."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import statistics
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from data_pipeline.sharding import epoch_end, epoch_permutation, resumed_epoch_end, train_shard
+from trainer.config import CONFIG_DIR, ConfigError, load_config, plan_run
+from trainer.ds_config import bucket_size
+from trainer.state import RunState
+
+TRAIN = str(REPO / "launch/train.py")
+
+
+def step_losses(stdout: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+)/\d+ loss ([0-9.]+)", stdout)}
+
+
+def digits_run(tmp_path, digits_root, name, *overrides, nproc=0, env=None, config="cs_mixer_tiny"):
+    args = [TRAIN, "--config", config, f"data.root={digits_root}", f"train.output_dir={tmp_path}",
+            f"train.run_name={name}", "train.log_every=1", "data.workers=1", "tracking.enabled=false", *overrides]
+    return run_script(*args, nproc=nproc, cwd=tmp_path, env=env)
+
+
+# ----------------------------------------------------------------------------- sample arithmetic
+
+def usage_counts(n, seed, before, after, stop_step):
+    """Images of the interrupted epoch read 0, 1, 2+ times: (world, batch, accum) before and after
+    a stop after `stop_step` optimizer steps."""
+    (w0, b0, a0), (w1, b1, a1) = before, after
+    g0, g1 = w0 * b0 * a0, w1 * b1 * a1
+    planned = epoch_end(n, g0)
+    start = stop_step * g0
+    end = resumed_epoch_end(n, start, planned, g1)
+    reads = np.concatenate([train_shard(n, r, w0, b0, seed, 3, 0, start) for r in range(w0)]
+                           + [train_shard(n, r, w1, b1, seed, 3, start, end) for r in range(w1)])
+    counts = np.bincount(reads, minlength=n)
+    epoch = epoch_permutation(n, seed, 3)[:planned]  # what an uninterrupted epoch reads
+    c = counts[epoch]
+    return int((c == 0).sum()), int((c == 1).sum()), int((c >= 2).sum()), planned, int(counts.max())
+
+
+@pytest.mark.parametrize("before, after, stops", [
+    ((2, 48, 1), (1, 48, 2), (1, 7, 11)), ((1, 48, 2), (2, 48, 1), (1, 7, 11)),  # the real runs below
+    ((2, 48, 1), (3, 32, 1), (1, 7, 11)),
+    ((8, 128, 1), (16, 64, 1), (1, 7, 200)),  # the recipe's global batch 1024, 8 -> 16 GPUs
+    ((16, 64, 1), (12, 64, 1), (3, 6, 201)),  # global batch 1024 -> 768: the epoch's tail tops the last step up
+    ((16, 64, 1), (12, 128, 2), (3, 6, 201)),
+])
+def test_each_image_of_the_interrupted_epoch_is_read_once_at_any_world_size(before, after, stops):
+    n = 1_281_167 if before[0] >= 8 else 1442  # ImageNet-1k's train set; the digits set
+    for stop_step in stops:
+        zero, once, twice, planned, most = usage_counts(n, 0, before, after, stop_step)
+        assert (zero, once, twice) == (0, planned, 0), (before, after, stop_step)
+        assert most == 1  # none of the topped-up tail images twice either
+        print(f"{before} -> {after} after {stop_step} steps: 0x {zero}, 1x {once}, 2x {twice} of {planned}")
+
+
+def test_where_the_tail_cannot_top_up_the_last_step_less_than_a_step_is_left_out():
+    """16 -> 12 GPUs at 64 per GPU after 1 step: 1,280,000 planned images left, 512 more than whole steps
+    of 768, and only 143 unread tail images to top a 1,668th step up: that partial step is dropped,
+    as an uninterrupted epoch drops its tail (nothing is read twice)."""
+    zero, once, twice, planned, most = usage_counts(1_281_167, 0, (16, 64, 1), (12, 64, 1), 1)
+    assert (zero, once, twice, most) == (512, planned - 512, 0, 1)
+
+
+def test_run_state_windows_skip_and_roll_over():
+    s = RunState(epoch=2, epoch_sample=96, epoch_end=960)
+    assert s.windows() == [(96, 960)] and not s.epoch_done
+    s.skip = [[2, 192, 384], [1, 0, 960]]  # the other epoch's window does not apply
+    assert s.windows() == [(96, 192), (384, 960)]
+    s.epoch_sample = 192
+    assert s.windows() == [(384, 960)]
+    s.skip.append([2, 864, 960])
+    s.epoch_sample = 864
+    assert s.windows() == [] and s.epoch_done  # only a skipped window left: the epoch is over
+    s.next_epoch(960)
+    assert (s.epoch, s.epoch_sample, s.windows()) == (3, 0, [(0, 960)])
+    restored = RunState()
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert restored == s
+
+
+# ----------------------------------------------------------------------------- validation
+
+def test_zero3_with_ema_is_refused_whatever_sets_the_stage(tmp_path):
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["train.model_ema=true", f"deepspeed.config={ds_json}"])
+    assert cfg.deepspeed.zero_stage == 2  # the YAML says 2; the JSON wins
+    with pytest.raises(ConfigError, match=rf"ZeRO stage is 3 \(set by {ds_json}\)"):
+        plan_run(cfg, 2)
+    result = run_script(TRAIN, "--config", "cs_mixer_tiny", "train.model_ema=true", f"deepspeed.config={ds_json}",
+                        f"train.output_dir={tmp_path}/runs", cwd=tmp_path)
+    assert result.returncode == 2 and "ZeRO stage is 3" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bucket_sizes_respect_deepspeeds_alignment():
+    assert bucket_size(1_765_003, 500_000_000) % 2 == 0 and bucket_size(1_765_003, 500_000_000) >= 1_765_003
+    assert bucket_size(10**10, 500_000_000) == 500_000_000
+
+
+ODD_PARAMS = """
+import torch
+from models import count_params
+from trainer.build import build_engine, build_loss, build_model
+from trainer.config import CONFIG_DIR, load_config, plan_run
+from trainer.distributed import init_distributed, shutdown
+
+env = init_distributed()
+for stage in (1, 2, 3):
+    cfg = load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["model.num_classes=3", f"deepspeed.zero_stage={stage}",
+                                                          "data.backend=synthetic", "train.batch_size=4"])
+    model = build_model(cfg)
+    assert count_params(model) % 2 == 1
+    engine = build_engine(plan_run(cfg, env.world_size, count_params(model)), model)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.bfloat16)
+    y = torch.nn.functional.one_hot(torch.arange(4) % 3, 3).float()
+    losses = []
+    for _ in range(3):
+        loss = build_loss()(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    if env.rank == 0:
+        print(f"stage {stage}: {count_params(model)} params, losses {losses}", flush=True)
+    engine.destroy()
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_odd_parameter_counts_train_at_every_zero_stage(tmp_path):
+    """model.num_classes=3 gives cs_mixer_tiny an odd parameter count: DeepSpeed's init asserted on the
+    bucket sizes at ZeRO 1/2. The trainer's own builder, two processes, one DeepSpeed start-up."""
+    script = tmp_path / "odd.py"
+    script.write_text(ODD_PARAMS)
+    result = run_script(str(script), nproc=2, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in (1, 2, 3):
+        losses = json.loads(re.search(rf"stage {stage}: \d+ params, losses (\[.*\])", result.stdout).group(1))
+        assert all(np.isfinite(losses)) and losses[-1] < losses[0], (stage, losses)
+
+
+# ----------------------------------------------------------------------------- saves and retention
+
+RECORD_SAVES = """
+import os, runpy, sys
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+real = DeepSpeedEngine.save_checkpoint
+
+def recorded(self, save_dir, tag=None, *args, **kwargs):
+    with open(os.environ["SAVES_LOG"], "a") as f:
+        f.write(f"{tag}\\n")
+    return real(self, save_dir, tag, *args, **kwargs)
+
+DeepSpeedEngine.save_checkpoint = recorded
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_step_is_saved_once_when_a_save_step_ends_an_epoch(tmp_path, digits_root):
+    """22 steps per epoch, checkpoint.every_steps=11: step 22 is both a save step and the epoch end. It was
+    written twice, the second time deleting the directory `latest` named before replacing it. The
+    DeepSpeed JSON sets ZeRO 1 (the YAML says 2): the checkpoint records what the engine ran."""
+    wrapper, saves = tmp_path / "record_saves.py", tmp_path / "saves.log"
+    wrapper.write_text(RECORD_SAVES)
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    result = run_script(str(wrapper), TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}",
+                        f"train.output_dir={tmp_path}", "train.run_name=once", "train.max_steps=23", "train.log_every=11",
+                        "checkpoint.every_steps=11", "data.workers=1", "tracking.enabled=false",
+                        f"deepspeed.config={ds_json}", cwd=tmp_path, env={"SAVES_LOG": str(saves)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = Counter(saves.read_text().split())
+    assert written == {"step_00000011.partial": 1, "step_00000022.partial": 1, "step_00000023.partial": 1}, written
+    meta = json.loads((tmp_path / "once/checkpoints/step_00000022/meta.json").read_text())
+    assert meta["engine"]["zero_stage"] == 1 and meta["epoch_end_save"]
+    assert meta["state"]["epoch"] == 1 and meta["state"]["epoch_sample"] == 0
+
+
+def test_retention_follows_write_order_after_resuming_an_older_checkpoint(tmp_path, digits_root):
+    """Steps 4, 5, 6 on disk; train.resume=step_4 writes step 5 again with keep_last=1. Sorting by name
+    deleted the checkpoint just written, with `latest` pointing at it."""
+    first = digits_run(tmp_path, digits_root, "ret", "train.max_steps=6", "checkpoint.every_steps=1",
+                       "checkpoint.keep_last=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = tmp_path / "ret/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000004", "step_00000005", "step_00000006"]
+    again = digits_run(tmp_path, digits_root, "ret", "train.max_steps=5", "checkpoint.every_steps=1",
+                       "checkpoint.keep_last=1", f"train.resume={ckpts}/step_00000004")
+    assert again.returncode == 0, again.stderr[-3000:]
+    latest = (ckpts / "latest").read_text().strip()
+    assert latest == "step_00000005-2"  # a name is never reused: no directory is ever replaced
+    assert json.loads((ckpts / latest / "meta.json").read_text())["state"]["step"] == 5
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [latest]
+    cont = digits_run(tmp_path, digits_root, "ret", "train.max_steps=6")
+    assert cont.returncode == 0, cont.stderr[-3000:]
+    assert f"[resume] {ckpts}/step_00000005-2: step 5" in cont.stdout and sorted(step_losses(cont.stdout)) == [6]
+
+
+@pytest.mark.slow
+def test_keep_best_and_milestones(tmp_path, digits_root):
+    """4 epochs of 3 steps, a save every step, keep_last=1: the 2 best evaluated epoch ends and every
+    2nd epoch's end stay as well."""
+    r = digits_run(tmp_path, digits_root, "keep", "train.epochs=4", "train.batch_size=16", "train.global_batch=null",
+                   "data.synthetic_size=48", "data.backend=synthetic", "model.num_classes=10", "schedule.warmup_epochs=1",
+                   "checkpoint.every_steps=1", "checkpoint.keep_last=1", "checkpoint.keep_best=2",
+                   "checkpoint.keep_every_epochs=2", "aug.mixup=0", "aug.cutmix=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = tmp_path / "keep/checkpoints"
+    metas = {p.name: json.loads((p / "meta.json").read_text()) for p in ckpts.iterdir() if p.is_dir()}
+    top1 = {int(e): float(t) for e, t in re.findall(r"epoch (\d+) step \d+ val top1 ([0-9.]+)", r.stdout)}
+    assert sorted(top1) == [0, 1, 2, 3]
+    best = sorted(top1, key=lambda e: (top1[e], e), reverse=True)[:2]
+    expected = {f"step_{3 * (e + 1):08d}" for e in best} | {"step_00000006", "step_00000012"}
+    assert set(metas) == expected, (metas.keys(), top1)
+
+
+# ----------------------------------------------------------------------------- faults
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_of_saves_loses_nothing(tmp_path, digits_root):
+    """fp32, one process, a save every step. Ten times, the process is SIGKILLed a random moment into its
+    second save (moments drawn over the measured duration of a save); each restart must continue from
+    the last complete checkpoint, and the finished run must end with an uninterrupted run's weights."""
+    common = ["deepspeed.bf16=false", "deepspeed.zero_stage=1", "checkpoint.every_steps=1",
+              "checkpoint.keep_last=2", "train.max_steps=24"]
+    full = digits_run(tmp_path, digits_root, "full", *common)
+    assert full.returncode == 0, full.stderr[-3000:]
+    durations = [float(s) for s in re.findall(r"\[checkpoint\] \S+ \(([0-9.]+) s\)", full.stdout)]
+    assert len(durations) == 24
+    save_s = statistics.median(durations)
+    rng = random.Random(0)
+    ckpts = tmp_path / "cut/checkpoints"
+    trials = []
+    for trial in range(10):
+        before = (ckpts / "latest").read_text().strip() if (ckpts / "latest").exists() else None
+        delay = rng.uniform(0, 1.2 * save_s)
+        killed = digits_run(tmp_path, digits_root, "cut", *common,
+                            env={"TRAIN_TEST_KILL_IN_SAVE": f"2:0:{delay:.4f}"})
+        assert killed.returncode == -9, (trial, killed.returncode, killed.stderr[-2000:])
+        if before:  # restarted from the checkpoint `latest` named, the newest complete one
+            assert f"[resume] {ckpts}/{before}: " in killed.stdout, (trial, killed.stdout[-2000:])
+        latest = (ckpts / "latest").read_text().strip()
+        complete = sorted(json.loads((p / "meta.json").read_text())["seq"] for p in ckpts.iterdir()
+                          if p.is_dir() and (p / "meta.json").is_file())
+        seq_latest = json.loads((ckpts / latest / "meta.json").read_text())["seq"]
+        assert seq_latest == complete[-1]  # latest names the newest complete checkpoint
+        trials.append((round(delay, 4), latest))
+    done = digits_run(tmp_path, digits_root, "cut", *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = torch.load(tmp_path / "full/checkpoints/step_00000024/mp_rank_00_model_states.pt", weights_only=False)
+    b = torch.load(ckpts / (ckpts / "latest").read_text().strip() / "mp_rank_00_model_states.pt", weights_only=False)
+    diff = max((a["module"][k] - b["module"][k]).abs().max().item() for k in a["module"])
+    print(f"save {save_s:.3f} s; trials (kill delay s, latest after): {trials}; max |weight diff| {diff}")
+    assert diff == 0.0
+    assert len({latest for _, latest in trials}) >= 5  # the kills walked the run forward
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_is_rolled_back_and_the_run_finishes(tmp_path, digits_root):
+    args = ["train.max_steps=8", "checkpoint.every_steps=2"]
+    r = digits_run(tmp_path, digits_root, "nan", *args, env={"TRAIN_TEST_NAN_AT_STEP": "5"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"\[rollback\] non-finite loss in steps 5-5 \(epoch 0, samples 256-320\): reloaded "
+                     r"\S+/step_00000004, skipping those samples \(rollback 1 of at most 3\)", r.stdout), r.stdout
+    losses = step_losses(r.stdout)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6, 7, 8] and all(np.isfinite(list(losses.values())))
+    meta = json.loads((tmp_path / "nan/checkpoints/step_00000008/meta.json").read_text())
+    assert meta["state"]["rollbacks"] == 1 and meta["state"]["skip"] == [[0, 256, 320]]
+    no_rollback = digits_run(tmp_path, digits_root, "nan0", *args, "train.max_rollbacks=0",
+                             env={"TRAIN_TEST_NAN_AT_STEP": "5"})
+    assert no_rollback.returncode == 3 and "non-finite loss in steps 5-5" in no_rollback.stderr
+
+
+@pytest.mark.slow
+def test_resume_at_other_world_sizes_reads_each_image_of_the_epoch_once(tmp_path, digits_root):
+    """One epoch of the digits set (15 steps of 96) in five legs: 2 -> 1 -> 2 -> 3 -> 2 processes, ZeRO-1
+    (a universal checkpoint at each change). Every image of the epoch is read exactly once."""
+    record = tmp_path / "samples.txt"
+    legs = [(2, 3), (1, 6), (2, 9), (3, 12), (2, 15)]
+    for nproc, stop in legs:
+        r = digits_run(tmp_path, digits_root, "ws", "train.global_batch=96", "train.batch_size=48",
+                       "train.grad_accum=null", "deepspeed.zero_stage=1", f"train.max_steps={stop}",
+                       nproc=nproc, env={"TRAIN_TEST_RECORD_SAMPLES": str(record)})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert sorted(step_losses(r.stdout)) == list(range(stop - 2, stop + 1)), (nproc, r.stdout[-2000:])
+    reads = [tuple(map(int, line.split())) for line in record.read_text().splitlines()]
+    assert {e for e, _ in reads} == {0}
+    counts = Counter(i for _, i in reads)
+    planned = set(epoch_permutation(1442, 0, 0)[:1440].tolist())
+    seen = [counts.get(i, 0) for i in planned]
+    zero, once, twice = seen.count(0), seen.count(1), sum(c >= 2 for c in seen)
+    print(f"digits epoch 0 over 2->1->2->3->2 processes: 0x {zero}, 1x {once}, 2x {twice} of {len(planned)}")
+    assert (zero, once, twice) == (0, 1440, 0) and set(counts) == planned
