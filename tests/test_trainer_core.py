@@ -91,6 +91,36 @@ def test_run_state_windows_skip_and_roll_over():
     assert restored == s
 
 
+# ----------------------------------------------------------------------------- knobs
+
+def test_optimizer_and_schedule_knobs_are_read():
+    from models import create_model
+    from trainer.optim import build_optimizer, build_scheduler, lr_at
+
+    model = create_model("cs_mixer_tiny", img_size=32)
+    kinds = {}
+    for opt in ("adamw", "adam", "sgd", "momentum"):
+        o = build_optimizer(load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", [f"optim.opt={opt}"]), model, 0.1)
+        kinds[opt] = (type(o).__name__, o.defaults.get("nesterov"))
+    assert kinds == {"adamw": ("AdamW", None), "adam": ("Adam", None), "sgd": ("SGD", True), "momentum": ("SGD", False)}
+    common = dict(peak_lr=1.0, total_steps=100, warmup_steps=10, warmup_lr=0.0, min_lr=0.01)
+    assert lr_at(5, sched="cosine", **common) == pytest.approx(0.5)
+    assert lr_at(55, sched="cosine", **common) == pytest.approx(0.505)
+    assert lr_at(55, sched="const", **common) == 1.0
+    assert [lr_at(s, sched="step", decay_steps=20, decay_rate=0.5, **common) for s in (10, 29, 30, 50)] == \
+        [1.0, 1.0, 0.5, 0.25]
+    cfg = load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["schedule.sched=step", "schedule.decay_epochs=2",
+                                                          "schedule.decay_rate=0.1", "schedule.warmup_epochs=0"])
+    opt = build_optimizer(cfg, model, 1.0)
+    sched = build_scheduler(cfg, opt, 1.0, steps_per_epoch=5, total_steps=100)
+    lrs = []
+    for _ in range(11):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0] * 10 + [0.1])
+
+
 # ----------------------------------------------------------------------------- validation
 
 def test_zero3_with_ema_is_refused_whatever_sets_the_stage(tmp_path):
@@ -204,6 +234,7 @@ def test_retention_follows_write_order_after_resuming_an_older_checkpoint(tmp_pa
                        "checkpoint.keep_last=1", f"train.resume={ckpts}/step_00000004")
     assert again.returncode == 0, again.stderr[-3000:]
     latest = (ckpts / "latest").read_text().strip()
+    assert (ckpts / latest / "meta.json").is_file(), f"latest names {latest}, which retention deleted"
     assert latest == "step_00000005-2"  # a name is never reused: no directory is ever replaced
     assert json.loads((ckpts / latest / "meta.json").read_text())["state"]["step"] == 5
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [latest]

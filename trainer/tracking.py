@@ -301,7 +301,10 @@ class Tracker:
             logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            monitor = SystemMetricsMonitor(run_id="unused", tracking_uri=self.uri)  # else it opens ./mlflow.db
+            # tracking_uri: else it opens ./mlflow.db. It opens the store (an MlflowClient) at once, so
+            # under the lock: unlocked, it raced another job's first migration of a new SQLite store.
+            with store_lock(self.uri):
+                monitor = SystemMetricsMonitor(run_id="unused", tracking_uri=self.uri)
         except Exception as e:  # noqa: BLE001 - psutil missing: say so once, train on
             self.log(f"[tracking] no system metrics: {e}")
             return

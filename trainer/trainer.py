@@ -90,7 +90,8 @@ class WindowMeter:
         self.micro, self.steps = 0, 0
         self.t0, self.paused_s, self.windows = time.perf_counter(), 0.0, 0
         self.steady_images, self.steady_s = 0, 0.0
-        self.start = (trainer.state.epoch, trainer.state.epoch_sample)  # where this window's data began
+        # (epoch, sample, step) of the last finite check: a non-finite loss lies in the data after it
+        self.checked = (trainer.state.epoch, trainer.state.epoch_sample, trainer.state.step)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -110,23 +111,35 @@ class WindowMeter:
     def restart(self) -> None:
         self.sums.zero_()
         self.micro, self.steps, self.paused_s, self.t0 = 0, 0, 0.0, time.perf_counter()
-        self.start = (self.t.state.epoch, self.t.state.epoch_sample)
+        self.checked = (self.t.state.epoch, self.t.state.epoch_sample, self.t.state.step)
 
-    def log(self, steps: int) -> tuple[bool, bool]:
-        """(finite, stop requested on any rank) for the window just ended; logs it when finite."""
+    def check(self, log: bool) -> tuple[bool, bool]:
+        """(finite, stop requested on any rank) since the last check, in one all-reduce; with `log`, also
+        the window's mean loss, speed and MFU, logged when finite, and a new window begins."""
         t, state = self.t, self.t.state
         self.sums[2] = float(t.stopper.signum != 0)
-        dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
-        loss_sum, bad, stop = self.sums.tolist()
+        if not log:
+            flags = self.sums[1:].clone()
+            dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+            bad, stop = flags.tolist()
+        else:
+            dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
+            loss_sum, bad, stop = self.sums.tolist()
         if bad:
             return False, bool(stop)
+        self.checked = (state.epoch, state.epoch_sample, state.step)
+        if log:
+            self._log(loss_sum / t.env.world_size / self.micro)
+        return True, bool(stop)
+
+    def _log(self, loss: float) -> None:
+        t, state = self.t, self.t.state
         dt = time.perf_counter() - self.t0 - self.paused_s
-        images = steps * t.plan.batch.global_batch
+        images = self.steps * t.plan.batch.global_batch
         ips = images / dt
         if self.windows:
             self.steady_images, self.steady_s = self.steady_images + images, self.steady_s + dt
         self.windows += 1
-        loss = loss_sum / t.env.world_size / self.micro
         lr, grad_norm = t.engine.lr_scheduler.get_last_lr()[0], float(t.engine.get_global_grad_norm() or 0)
         mfu = mfu_pct(ips, t.flops_per_image, t.peak, t.env.world_size)
         t.log(f"epoch {state.epoch} step {state.step}/{t.total_steps} loss {loss:.4f} lr {lr:.3g} "
@@ -135,7 +148,7 @@ class WindowMeter:
             t.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                    "train/images_per_sec": ips, "train/epoch": state.epoch, "train/mfu": mfu,
                                    "train/skipped_steps": t.engine.skipped_steps}, state.step)
-        return True, bool(stop)
+        self.restart()
 
 
 class Evaluator:
@@ -291,18 +304,18 @@ class Trainer:
                     self.ema.update(engine.module)
                 self.bar.update(1)
                 epoch_done, stop = state.epoch_done, False
-                if self.meter.due(state.step) or epoch_done or self.finished:
-                    finite, stop = self.meter.log(self.meter.steps)
+                save_due = epoch_done or self.finished or self.checkpointer.due(state.step)
+                if save_due or self.meter.due(state.step):  # nothing non-finite is ever saved
+                    finite, stop = self.meter.check(log=self.meter.due(state.step) or self.finished)
                     if not finite:
                         self.roll_back()
                         break
-                    self.meter.restart()
                 if epoch_done or self.finished:
                     with self.meter.paused():
                         self.evaluator.run()
                 if epoch_done:
                     state.next_epoch(self.epoch_end)
-                if self.checkpointer.due(state.step) or epoch_done or stop or self.finished:
+                if save_due or stop:
                     self.save(epoch_end=epoch_done)
                 if stop:
                     self.log(f"[stop] signal received: checkpoint {self.checkpointer.last_path} written at step "
@@ -355,8 +368,8 @@ class Trainer:
         """A non-finite loss in the last log window: reload the last checkpoint and never read that
         window's samples again; after train.max_rollbacks of them, give up (exit 3)."""
         state, last = self.state, self.checkpointer.latest()
-        epoch, start = self.meter.start
-        where = f"steps {state.step - self.meter.steps + 1}-{state.step} (epoch {epoch}, samples {start}-{state.epoch_sample})"
+        epoch, start, step = self.meter.checked
+        where = f"steps {step + 1}-{state.step} (epoch {epoch}, samples {start}-{state.epoch_sample})"
         if last is None or state.rollbacks >= self.cfg.train.max_rollbacks:
             raise NonFiniteLoss(f"non-finite loss in {where}; {state.rollbacks} rollbacks done (train.max_rollbacks="
                                 f"{self.cfg.train.max_rollbacks}); last good checkpoint: {last or 'none'} (lower "
