@@ -41,9 +41,10 @@ def activation_mb_per_image(model: torch.nn.Module, size: int, bf16: bool, devic
 
 
 def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: bool,
-          device: torch.device, img_size: int | None, peak: float) -> dict:
+          device: torch.device, img_size: int | None, peak: float, grad_checkpointing: bool = False) -> dict:
     size = img_size or model_info(name).img_size
     model = create_model(name, img_size=size).to(device)
+    model.set_grad_checkpointing(grad_checkpointing)
     flops_per_image = train_flops_per_image(model, size)
     act_mb = activation_mb_per_image(model, size, bf16, device)
     step_model = torch.compile(model) if compile_ else model
@@ -78,6 +79,7 @@ def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: 
     ips = batch * steps / seconds
     # forward+backward = 3x the forward MACs, 2 FLOPs per MAC
     return dict(model=name, img_size=size, batch=batch, bf16=bf16, compile=compile_, device=str(device),
+                grad_checkpointing=grad_checkpointing,
                 images_per_s=round(ips, 1), tflops=round(ips * flops_per_image / 1e12, 6),
                 activation_mb_per_image=round(act_mb, 1), mfu_pct=round(mfu_pct(ips, flops_per_image, peak, 1), 1))
 
@@ -92,6 +94,8 @@ def main() -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with a GPU, off on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward (model.grad_checkpointing)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +107,8 @@ def main() -> None:
           f"{'act MB/img':>11}")
     for name in args.model or ["cs_mixer_t"]:
         for batch in args.batch or [32]:
-            r = bench(name, batch, args.steps, args.warmup, bf16, args.compile, device, args.img_size, peak)
+            r = bench(name, batch, args.steps, args.warmup, bf16, args.compile, device, args.img_size, peak,
+                      args.grad_checkpointing)
             rows.append(r)
             print(f"{name:<16}{r['img_size']:>5}{batch:>6}{'bf16' if bf16 else 'fp32':>6}"
                   f"{str(args.compile):>8}{r['images_per_s']:>10.1f}{r['tflops']:>9.3f}{r['mfu_pct']:>6.1f}%"

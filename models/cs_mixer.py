@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._registry import ModelInfo, register_model
-from .layers import DropPath, Mlp, init_linear_and_norm, stochastic_depth_rates
+from .layers import DropPath, Mlp, checkpoint_seq, init_linear_and_norm, stochastic_depth_rates
 
 
 def group_tokens(x: torch.Tensor, g: int, dilated: bool) -> torch.Tensor:
@@ -130,6 +130,7 @@ class CSMixer(nn.Module):
         if img_size % 4:
             raise ValueError(f"CSMixer: img_size {img_size} is not divisible by the stem's stride 4")
         self.num_classes = num_classes
+        self.grad_checkpointing = False
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.num_features = dims[-1]
         side = img_size // 4
@@ -162,10 +163,15 @@ class CSMixer(nn.Module):
         """Parameter names excluded from weight decay beyond norms and biases (the 1-D ones)."""
         return {n for n, _ in self.named_parameters() if n.endswith("mix_bias")}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: recompute each block's activations in the backward pass (less memory, ~1/3
+        more compute)."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for stage in self.stages:
-            x = stage(x)
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() else stage(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -58,3 +59,12 @@ def stochastic_depth_rates(drop_path: float, depths: list[int] | tuple[int, ...]
         out.append(rates[start:start + d])
         start += d
     return out
+
+
+def checkpoint_seq(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Run a stage's blocks with activation checkpointing, one checkpoint per block (timm's
+    `checkpoint_seq` granularity): each block's activations are recomputed in the backward pass,
+    only its input is kept. Drop-path draws are replayed identically (the RNG state is restored)."""
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False)
+    return x

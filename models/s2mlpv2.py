@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._registry import ModelInfo, register_model
-from .layers import DropPath, Mlp, init_linear_and_norm, stochastic_depth_rates
+from .layers import DropPath, Mlp, checkpoint_seq, init_linear_and_norm, stochastic_depth_rates
 
 
 def _shift(x: torch.Tensor, axis: int, step: int) -> torch.Tensor:
@@ -95,6 +95,7 @@ class S2MLPv2(nn.Module):
                                  f"(img_size {img_size}, patch size {patch_size})")
             side //= 2
         self.num_classes = num_classes
+        self.grad_checkpointing = False
         self.num_features = embed_dims[-1]
         self.patch_embed = nn.Conv2d(in_chans, embed_dims[0], patch_size, stride=patch_size)
         rates = stochastic_depth_rates(drop_path, depths)
@@ -111,12 +112,17 @@ class S2MLPv2(nn.Module):
         """Nothing beyond norms and biases (the 1-D parameters)."""
         return set()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: recompute each block's activations in the backward pass (less memory, ~1/3
+        more compute)."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).permute(0, 2, 3, 1)
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = self.downsamples[i - 1](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            x = stage(x)
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() else stage(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

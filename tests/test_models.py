@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
-from conftest import run_script
+from conftest import REPO, run_script
 from models.cs_mixer import SpatialChannelMixer, group_tokens, ungroup_tokens
 from models.s2mlpv2 import shift1, shift2
 
@@ -205,3 +206,29 @@ def test_stochastic_depth_off_in_eval_and_output_deterministic(name):
     model.train()
     with torch.no_grad():
         assert not torch.allclose(model(x), model(x))  # stochastic depth is active in training
+
+
+@pytest.mark.parametrize("name", ["cs_mixer_tiny", "s2mlpv2_tiny"])
+def test_grad_checkpointing_gives_the_same_gradients_with_less_activation_memory(name):
+    """timm's set_grad_checkpointing: per-block recomputation, drop-path draws replayed identically."""
+    sys.path.insert(0, str(REPO / "launch"))
+    from bench_model import activation_mb_per_image
+
+    torch.manual_seed(0)
+    model = models.create_model(name, drop_path=0.1)
+    x = torch.randn(4, 3, 32, 32)
+    grads = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    model.set_grad_checkpointing(False)
+    full = activation_mb_per_image(model, 32, False, torch.device("cpu"))
+    model.set_grad_checkpointing(True)
+    checkpointed = activation_mb_per_image(model, 32, False, torch.device("cpu"))
+    print(f"{name}: {full:.3f} -> {checkpointed:.3f} MB of saved activations per image")
+    assert checkpointed < 0.3 * full

@@ -29,7 +29,9 @@ def test_two_process_training_learns_and_saves_the_run(tmp_path, digits_root):
                         f"train.output_dir={tmp_path}", "train.run_name=two", "train.epochs=4",
                         "train.log_every=5", nproc=2, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "world size 2; batch 64/rank x accum 1 x 2 ranks = global 128" in result.stdout
+    assert result.stdout.startswith("[plan] cs_mixer_tiny: world size 2; batch 64/rank x accum 1 x 2 ranks = global 128")
+    # a quiet start: no accelerator notice, no FutureWarning, no op-builder chatter
+    assert "Setting accelerator" not in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
     assert "ZeRO stage 2; bf16 on cpu" in result.stdout
     top1 = float(result.stdout.strip().splitlines()[-1].removeprefix("val_top1="))
     assert top1 > 80, result.stdout  # 4 epochs on digits: a model that learns gets well above chance (10 %)

@@ -18,7 +18,9 @@ from .optim import build_optimizer, build_scheduler
 def build_model(cfg: RunConfig, **overrides) -> nn.Module:
     m = cfg.model
     args = dict(num_classes=m.num_classes, img_size=m.img_size, drop_path=m.drop_path)
-    return create_model(m.name, **{**args, **overrides})
+    model = create_model(m.name, **{**args, **overrides})
+    model.set_grad_checkpointing(m.grad_checkpointing)
+    return model
 
 
 def build_engine(plan: RunPlan, model: nn.Module, steps_per_epoch: int = 1, total_steps: int = 1,
@@ -33,7 +35,23 @@ def build_engine(plan: RunPlan, model: nn.Module, steps_per_epoch: int = 1, tota
     if load_universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if compile_enabled(cfg, engine.device):
+        engine.compile(backend=cfg.train.compile_backend)
     return engine
+
+
+def compile_enabled(cfg: RunConfig, device: torch.device) -> bool:
+    return cfg.train.compile is True or (cfg.train.compile == "auto" and torch.device(device).type == "cuda")
+
+
+def compile_report() -> str:
+    """What torch.compile made of the model so far: graphs, graph breaks (with their reasons), recompiles."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    reasons = "; ".join(f"{n}x {r[:120]}" for r, n in sorted(breaks.items(), key=lambda kv: -kv[1])[:3])
+    return (f"{counters['stats'].get('unique_graphs', 0)} graph(s), {sum(breaks.values())} graph break(s)"
+            f"{' (' + reasons + ')' if reasons else ''}, {counters['recompiles'].total()} recompile(s)")
 
 
 def build_loss(state=None) -> nn.Module:

@@ -42,6 +42,7 @@ class ModelConfig:
     num_classes: int = knob(1000, ge=1)
     img_size: int = knob(224, ge=8)        # train/eval resolution (square)
     drop_path: float | None = knob(None, ge=0.0, lt=1.0)  # null: the variant's default
+    grad_checkpointing: bool = False       # timm's set_grad_checkpointing: per block, less activation memory
 
 
 @dataclass
@@ -106,6 +107,10 @@ class TrainConfig:
     log_every: int = knob(50, ge=1)             # also how often a stop signal / NaN loss is checked
     peak_tflops: float | None = knob(None, gt=0.0)  # per device, the MFU denominator; null: measured at start
     max_rollbacks: int = knob(3, ge=0)           # non-finite loss: reload the last checkpoint this often, then exit 3
+    compile: bool | Literal["auto"] = "auto"     # torch.compile the model inside the engine; auto: on with CUDA
+    compile_backend: str = "inductor"            # torch.compile's backend (aot_eager / eager: no code generation)
+    profile: str | None = None                   # "START:END": torch.profiler trace of steps START+1..END
+    model_ema_every: int = knob(1, ge=1)         # update the EMA every k optimizer steps (decay ** k per update)
     model_ema: bool = False
     model_ema_decay: float = knob(0.99996, gt=0.0, lt=1.0)
     output_dir: str = "runs"
@@ -314,6 +319,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if re.fullmatch(r"\d+(:\d+)+", raw.strip()):  # YAML 1.1 reads 2:4 as the base-60 number 124
+        value = raw.strip()
     if isinstance(value, (dict,)):
         value = raw  # a mapping is never a valid leaf value; keep the text for the error message
     return key.strip(), value
@@ -371,6 +378,11 @@ def validate(cfg: RunConfig) -> None:
                           f"({cfg.schedule.cooldown_epochs}) must be fewer than train.epochs ({cfg.train.epochs})")
     if cfg.schedule.min_lr > (cfg.optim.lr or float("inf")):
         raise ConfigError(f"schedule.min_lr={cfg.schedule.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    if cfg.train.profile is not None:
+        m = re.fullmatch(r"(\d+):(\d+)", cfg.train.profile)
+        if not m or int(m.group(1)) >= int(m.group(2)):
+            raise ConfigError(f"train.profile={cfg.train.profile!r}: expected START:END optimizer steps with "
+                              "START < END, e.g. 100:110")
     if cfg.train.batch_size is None and cfg.train.global_batch is None:
         raise ConfigError("set train.batch_size (per GPU) or train.global_batch (or both)")
     if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():

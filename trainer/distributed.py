@@ -2,12 +2,23 @@
 srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), or one plain process. gloo on CPU, NCCL on GPU."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# A quiet start: the first lines a user reads are the project's. Without a GPU, name DeepSpeed's CPU
+# accelerator up front (else every rank warns that it fell back to it); DeepSpeed's ZeRO calls
+# torch's all_gather_into_tensor, which torch 2.13 deprecates with a FutureWarning on every start.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -57,8 +68,14 @@ def init_distributed() -> DistEnv:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        out = io.StringIO()
+        try:  # its op builder prints "... built successfully" on every start: keep it if init fails
+            with contextlib.redirect_stdout(out):
+                deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                           auto_mpi_discovery=False, verbose=False)
+        except BaseException:
+            print(out.getvalue(), end="")
+            raise
     return DistEnv(rank, local_rank, world, device)
 
 

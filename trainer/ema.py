@@ -6,16 +6,24 @@ from torch import nn
 
 
 class ModelEma:
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.state_dict().items()}
+    """The module's tensors are looked up once; an update is one fused lerp over all of them (no
+    state-dict copy, no host sync). With `every` k > 1 it runs every k-th optimizer step with
+    decay ** k, which tracks the per-step EMA closely for k << 1 / (1 - decay)."""
+
+    def __init__(self, model: nn.Module, decay: float, every: int = 1) -> None:
+        self.decay, self.every = decay, every
+        self.sources = model.state_dict(keep_vars=True)  # the live parameters and buffers
+        self.shadow = {n: t.detach().float().clone() for n, t in self.sources.items()}
+        self._shadow_list = list(self.shadow.values())
+        self._fp32 = all(t.dtype == torch.float32 for t in self.sources.values())
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * weights, one fused op over all tensors."""
-        state = model.state_dict()
-        names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [state[n].float() for n in names], 1.0 - self.decay)
+    def update(self, step: int) -> None:
+        """After optimizer step `step`: shadow <- d * shadow + (1 - d) * weights, d = decay ** every."""
+        if step % self.every:
+            return
+        sources = [t.detach() if self._fp32 else t.detach().float() for t in self.sources.values()]
+        torch._foreach_lerp_(self._shadow_list, sources, 1.0 - self.decay ** self.every)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

@@ -28,7 +28,7 @@ from data_pipeline import build_loaders
 from data_pipeline.sharding import epoch_end, resumed_epoch_end
 from models import count_params
 
-from .build import build_engine, build_loss, build_model
+from .build import build_engine, build_loss, build_model, compile_enabled, compile_report
 from .checkpoint import Checkpointer, CheckpointError, check_complete, fp32_group_names, set_rng_state, to_universal
 from .config import RunConfig, plan_run
 from .distributed import init_distributed
@@ -87,7 +87,7 @@ class WindowMeter:
         self.every = trainer.cfg.train.log_every
         self.sums = torch.zeros(3, device=dev)  # loss sum, non-finite flag, stop flag
         self.one = torch.ones((), device=dev)
-        self.micro, self.steps = 0, 0
+        self.micro, self.steps, self.data_s = 0, 0, 0.0
         self.t0, self.paused_s, self.windows = time.perf_counter(), 0.0, 0
         self.steady_images, self.steady_s = 0, 0.0
         # (epoch, sample, step) of the last finite check: a non-finite loss lies in the data after it
@@ -110,7 +110,7 @@ class WindowMeter:
 
     def restart(self) -> None:
         self.sums.zero_()
-        self.micro, self.steps, self.paused_s, self.t0 = 0, 0, 0.0, time.perf_counter()
+        self.micro, self.steps, self.paused_s, self.data_s, self.t0 = 0, 0, 0.0, 0.0, time.perf_counter()
         self.checked = (self.t.state.epoch, self.t.state.epoch_sample, self.t.state.step)
 
     def check(self, log: bool) -> tuple[bool, bool]:
@@ -139,16 +139,47 @@ class WindowMeter:
         ips = images / dt
         if self.windows:
             self.steady_images, self.steady_s = self.steady_images + images, self.steady_s + dt
+        elif t.compiled:  # once, after the first steps compiled the model
+            t.log(f"[compile] {t.cfg.train.compile_backend}: {compile_report()}")
         self.windows += 1
         lr, grad_norm = t.engine.lr_scheduler.get_last_lr()[0], float(t.engine.get_global_grad_norm() or 0)
         mfu = mfu_pct(ips, t.flops_per_image, t.peak, t.env.world_size)
+        step_ms, data_pct = 1000 * dt / self.steps, 100 * min(1.0, self.data_s / dt)
         t.log(f"epoch {state.epoch} step {state.step}/{t.total_steps} loss {loss:.4f} lr {lr:.3g} "
-              f"grad_norm {grad_norm:.3f} {ips:.0f} img/s MFU {mfu:.1f}%")
+              f"grad_norm {grad_norm:.3f} {ips:.0f} img/s {step_ms:.0f} ms/step data {data_pct:.0f}% MFU {mfu:.1f}%")
         if t.tracker:
             t.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                    "train/images_per_sec": ips, "train/epoch": state.epoch, "train/mfu": mfu,
+                                   "train/step_ms": step_ms, "train/data_wait_pct": data_pct,
                                    "train/skipped_steps": t.engine.skipped_steps}, state.step)
         self.restart()
+
+
+class StepProfiler:
+    """train.profile=START:END: a torch.profiler trace of optimizer steps START+1..END, written to
+    <run dir>/profile/ as a Chrome/Perfetto trace per rank and logged to MLflow (artifacts/profile)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.t, spec = trainer, trainer.cfg.train.profile
+        self.start, self.end = (int(v) for v in spec.split(":")) if spec else (None, None)
+        self.prof = None
+
+    def step(self, step: int) -> None:
+        if step == self.start and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities, record_shapes=True, with_stack=False)
+            self.prof.__enter__()
+        elif step == self.end and self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            out = self.t.run_dir / "profile" / f"trace_steps{self.start + 1}-{self.end}_rank{self.t.env.rank}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.prof.export_chrome_trace(str(out))
+            self.prof = None
+            self.t.log(f"[profile] steps {self.start + 1}-{self.end}: {out} (open in ui.perfetto.dev)")
+            if self.t.tracker:
+                self.t.tracker.log_artifact(out, "profile")
 
 
 class Evaluator:
@@ -237,7 +268,9 @@ class Trainer:
         universal = bool(resume) and resume[1]["engine"]["world_size"] != env.world_size and plan.zero_stage > 0
         self.engine = build_engine(plan, model, self.steps_per_epoch, self.total_steps, load_universal=universal)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        self.ema = ModelEma(self.engine.module, cfg.train.model_ema_decay) if cfg.train.model_ema else None
+        self.compiled = compile_enabled(cfg, env.device)
+        self.ema = ModelEma(self.engine.module, cfg.train.model_ema_decay, cfg.train.model_ema_every) \
+            if cfg.train.model_ema else None
         self.state = RunState(epoch_end=self.epoch_end)
         self.loss_fn = build_loss(self.state)
         if resume:
@@ -254,7 +287,8 @@ class Trainer:
                  f"steps/epoch, {self.total_steps} steps ({cfg.train.epochs} epochs"
                  f"{', max_steps ' + str(cfg.train.max_steps) if cfg.train.max_steps else ''}); lr {b.lr:g} "
                  f"({b.lr_rule}); {cfg.optim.opt}, {cfg.schedule.sched} schedule; ZeRO stage "
-                 f"{self.engine.zero_optimization_stage()}; {plan.dtype} on {env.device.type}; data "
+                 f"{self.engine.zero_optimization_stage()}; {plan.dtype} on {env.device.type}"
+                 f"{'; compiled (' + cfg.train.compile_backend + ')' if self.compiled else ''}; data "
                  f"{cfg.data.backend}; MFU against {peak_source}; run dir {self.run_dir}")
         if plan.ds_overrides:
             self.log(f"[deepspeed] {cfg.deepspeed.config} overrides: {', '.join(plan.ds_overrides)}")
@@ -265,7 +299,7 @@ class Trainer:
             self.tracker = start_run_tracking(cfg, self.run_dir, env.world_size, self.state.tracking_run_id,
                                               self.state.restarts, self.state.step, self.log)
             self.state.tracking_run_id = self.tracker.run_id
-        self.meter, self.evaluator = WindowMeter(self), Evaluator(self)
+        self.meter, self.evaluator, self.profiler = WindowMeter(self), Evaluator(self), StepProfiler(self)
         self.bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                         disable=not (env.is_main and sys.stderr.isatty()))
 
@@ -282,8 +316,15 @@ class Trainer:
             for start, end in state.windows():
                 state.epoch_sample = start  # jumps over a skipped window
                 self.train_loader.set_window(epoch, start, end)
-                for i, (images, targets) in enumerate(self.train_loader, 1):
-                    yield images, targets, i % accum == 0
+                batches, i = iter(self.train_loader), 0
+                while True:
+                    t0 = time.perf_counter()
+                    batch = next(batches, None)
+                    self.meter.data_s += time.perf_counter() - t0  # the step waits for its input
+                    if batch is None:
+                        break
+                    i += 1
+                    yield *batch, i % accum == 0
                 if state.epoch != epoch:
                     break
 
@@ -301,7 +342,8 @@ class Trainer:
                 state.advance(self.step_samples)
                 self.meter.steps += 1
                 if self.ema is not None:
-                    self.ema.update(engine.module)
+                    self.ema.update(state.step)
+                self.profiler.step(state.step)
                 self.bar.update(1)
                 epoch_done, stop = state.epoch_done, False
                 save_due = epoch_done or self.finished or self.checkpointer.due(state.step)
