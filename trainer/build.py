@@ -23,11 +23,38 @@ def build_model(cfg: RunConfig, **overrides) -> nn.Module:
     return model
 
 
+def _clip_without_host_sync() -> None:
+    """DeepSpeed's ZeRO-1/2 gradient clipping asks `if is_invalid_grad_norm(norm)` per parameter group:
+    a host-device sync every step. The same clip, computed on the device: a non-finite or negative norm
+    counts as infinite (then the clip zeroes the step's update, as DeepSpeed's inf branch does)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if getattr(DeepSpeedZeroOptimizer.unscale_and_clip_grads, "sync_free", False):
+        return
+
+    def unscale_and_clip_grads(self, grad_groups_flat, total_norm):
+        if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+            return
+        combined_scale = self.loss_scale
+        if self.clip_grad > 0.0:
+            norm = torch.as_tensor(total_norm, dtype=torch.float, device=self.device)
+            norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, torch.full_like(norm, float("inf")))
+            combined_scale = torch.clamp(((norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0) * self.loss_scale
+        for grad in grad_groups_flat:
+            for g in grad if isinstance(grad, list) else [grad]:
+                g.data.mul_(1.0 / combined_scale)
+
+    unscale_and_clip_grads.sync_free = True
+    unscale_and_clip_grads.original = DeepSpeedZeroOptimizer.unscale_and_clip_grads
+    DeepSpeedZeroOptimizer.unscale_and_clip_grads = unscale_and_clip_grads
+
+
 def build_engine(plan: RunPlan, model: nn.Module, steps_per_epoch: int = 1, total_steps: int = 1,
                  load_universal: bool = False):
     """deepspeed.initialize with the run's optimizer, schedule and generated DeepSpeed config."""
     import deepspeed
 
+    _clip_without_host_sync()
     cfg, lr = plan.cfg, plan.batch.lr
     optimizer = build_optimizer(cfg, model, lr)
     scheduler = build_scheduler(cfg, optimizer, lr, steps_per_epoch, total_steps)

@@ -42,7 +42,9 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, n_params: int | None = None
         "train_micro_batch_size_per_gpu": plan.batch_size,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": cfg.optim.clip_grad or 0.0,
-        "bf16": {"enabled": cfg.deepspeed.bf16},
+        # bf16 needs no loss scale; DeepSpeed's per-step overflow check would sync the host every step,
+        # and the trainer checks the loss for non-finite values at each log window (and rolls back)
+        "bf16": {"enabled": cfg.deepspeed.bf16, "check_grad_overflow": False},
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,  # our torch AdamW with its param groups
         "steps_per_print": 2 ** 31 - 1,         # the trainer logs; DeepSpeed stays quiet
