@@ -41,13 +41,14 @@ def activation_mb_per_image(model: torch.nn.Module, size: int, bf16: bool, devic
 
 
 def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: bool,
-          device: torch.device, img_size: int | None, peak: float, grad_checkpointing: bool = False) -> dict:
+          device: torch.device, img_size: int | None, peak: float, grad_checkpointing: bool = False,
+          compile_backend: str = "inductor") -> dict:
     size = img_size or model_info(name).img_size
     model = create_model(name, img_size=size).to(device)
     model.set_grad_checkpointing(grad_checkpointing)
     flops_per_image = train_flops_per_image(model, size)
     act_mb = activation_mb_per_image(model, size, bf16, device)
-    step_model = torch.compile(model) if compile_ else model
+    step_model = torch.compile(model, backend=compile_backend) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)

@@ -223,3 +223,23 @@ def test_compiled_engine_trains_like_eager(tmp_path, digits_root):
     print(f"eager {a}\ncompiled {b}")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(b[s] == pytest.approx(a[s], abs=1e-4) for s in a), (a, b)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_mode_writes_its_json(tmp_path):
+    """scripts/gpu_check.sh --cpu: the prepared GPU check, on this CPU with tiny sizes, so it keeps working."""
+    result = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh"), str(tmp_path), "--cpu"], cwd=REPO,
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["mode"] == "cpu" and "models_error" not in report
+    rows = {(r["model"], r["compile"], r["grad_checkpointing"]): r for r in report["models"]}
+    assert set(rows) == {("cs_mixer_tiny", c, g) for c in (False, True) for g in (False, True)}
+    assert all(r["images_per_s"] > 0 and r["mfu_pct"] > 0 for r in rows.values())
+    assert rows[("cs_mixer_tiny", False, True)]["activation_mb_per_image"] < \
+        rows[("cs_mixer_tiny", False, False)]["activation_mb_per_image"]
+    t = report["trainer"]
+    assert t["first_rc"] == 0 and t["resume_rc"] == 0 and t["resumed"], t
+    assert t["export_parity"]["max_abs_diff"] == 0.0 and t["steady_images_per_s"] > 0
+    assert "0 graph break(s)" in t["compile_report"]
