@@ -268,7 +268,7 @@ def test_sigkill_at_random_moments_of_saves_loses_nothing(tmp_path, digits_root)
     """fp32, one process, a save every step. Ten times, the process is SIGKILLed a random moment into its
     second save (moments drawn over the measured duration of a save); each restart must continue from
     the last complete checkpoint, and the finished run must end with an uninterrupted run's weights."""
-    common = ["deepspeed.bf16=false", "deepspeed.zero_stage=1", "checkpoint.every_steps=1",
+    common = ["deepspeed.bf16=false", "deepspeed.zero_stage=1", "checkpoint.every_steps=1", "data.workers=0",
               "checkpoint.keep_last=2", "train.max_steps=24"]
     full = digits_run(tmp_path, digits_root, "full", *common)
     assert full.returncode == 0, full.stderr[-3000:]
