@@ -171,7 +171,8 @@ def test_tiny_sbatch_trains_on_two_nodes(cluster, tiny_jobs, config):
     logs = cluster.runs / f"{config}-{job_id}" / "logs"
     rank0, rank1 = (logs / "rank0.log").read_text(), (logs / "rank1.log").read_text()
     assert f"[plan] {config}: world size 2; batch 64/rank x accum 1 x 2 ranks = global 128" in rank0
-    assert "Traceback" not in rank0 + rank1 and "DeepSpeed" in rank1  # rank 1 wrote its own log
+    # rank 1 has its own log (empty after a quiet start: only rank 0 reports)
+    assert (logs / "rank1.log").is_file() and "Traceback" not in rank0 + rank1
     top1 = float(re.search(r"^val_top1=([0-9.]+)$", rank0, re.M).group(1))
     assert top1 > 25, rank0  # 2 epochs on digits (cs_mixer_tiny ~92 %, s2mlpv2_tiny ~35 %): above chance, 10 %
     assert f"done: val_top1={top1:.2f}" in out and "(restart 0 of at most 20)" in out
