@@ -304,13 +304,22 @@ def test_sigkill_at_random_moments_of_saves_loses_nothing(tmp_path, digits_root)
 
 @pytest.mark.slow
 def test_a_non_finite_loss_is_rolled_back_and_the_run_finishes(tmp_path, digits_root):
-    args = ["train.max_steps=8", "checkpoint.every_steps=2"]
-    r = digits_run(tmp_path, digits_root, "nan", *args, env={"TRAIN_TEST_NAN_AT_STEP": "5"})
+    args = ["train.max_steps=8", "checkpoint.every_steps=3"]
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    r = digits_run(tmp_path, digits_root, "nan", *args, "tracking.enabled=true", f"tracking.uri={store}",
+                   "tracking.system_metrics=false", "tracking.log_model=false", env={"TRAIN_TEST_NAN_AT_STEP": "5"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"\[rollback\] non-finite loss in steps 5-5 \(epoch 0, samples 256-320\): reloaded "
-                     r"\S+/step_00000004, skipping those samples \(rollback 1 of at most 3\)", r.stdout), r.stdout
-    losses = step_losses(r.stdout)
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6, 7, 8] and all(np.isfinite(list(losses.values())))
+                     r"\S+/step_00000003, skipping those samples \(rollback 1 of at most 3\)", r.stdout), r.stdout
+    losses = step_losses(r.stdout)  # step 4 runs twice (after the checkpoint at 3, before the bad window)
+    assert sorted(set(losses)) == [1, 2, 3, 4, 5, 6, 7, 8] and all(np.isfinite(list(losses.values())))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert logged == [1, 2, 3, 4, 5, 6, 7, 8], logged  # the re-run step 4 is not logged twice
+    assert run.data.metrics["train/rollbacks"] == 1 and "rollback_1" in run.data.tags
     meta = json.loads((tmp_path / "nan/checkpoints/step_00000008/meta.json").read_text())
     assert meta["state"]["rollbacks"] == 1 and meta["state"]["skip"] == [[0, 256, 320]]
     no_rollback = digits_run(tmp_path, digits_root, "nan0", *args, "train.max_rollbacks=0",

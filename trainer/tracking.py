@@ -102,6 +102,7 @@ class Tracker:
         self.retry_s, self.log = retry_s, log
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.skip_until: dict[str, int] = {}
+        self._last_logged: dict[str, int] = {}  # per training key, the last step this process logged
         self.deferred = 0      # records written to the spool since it was last emptied
         self._spool_lock = threading.Lock()
         self._step = 0
@@ -118,9 +119,19 @@ class Tracker:
 
     # ------------------------------------------------------------------ called by the training loop
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Training points at a step this process already logged for that key are dropped: after a
+        rollback the steps between the checkpoint and the bad window run again (with the same values)."""
         self._step = step
         now = int(time.time() * 1000)
-        self._put({"kind": "metrics", "points": [[k, float(v), now, step] for k, v in metrics.items()]})
+        points = []
+        for k, v in metrics.items():
+            if k.startswith(TRAINING_PREFIXES):
+                if step <= self._last_logged.get(k, -1):
+                    continue
+                self._last_logged[k] = step
+            points.append([k, float(v), now, step])
+        if points:
+            self._put({"kind": "metrics", "points": points})
 
     def log_params(self, params: dict[str, str]) -> None:
         self._put({"kind": "params", "params": params})
