@@ -94,8 +94,9 @@ def _val_stage(mean, std, device) -> Stage:
 
 
 def _train_stage(cfg, mean, std, device, normalized_input: bool, augment: bool) -> Stage:
-    """The shared on-device stage. DALI normalises and auto-augments inside its own pipeline;
-    the synthetic backend measures model speed, so it gets no augmentation at all."""
+    """The shared on-device stage, the one implementation of the recipe's augmentation for every
+    backend. FFCV on a CPU without auto-augment normalises inside its compiled pipeline; the
+    synthetic backend measures model speed, so it gets no augmentation at all."""
     from .augment import DeviceAugment
 
     a = cfg.aug
@@ -141,21 +142,19 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         if len(val_classes) != cfg.model.num_classes:
             raise DataError(f"data.root {d.root} has {len(val_classes)} classes but model.num_classes="
                             f"{cfg.model.num_classes}")
+        common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
+                      img_size=size, interpolation=d.interpolation)
         if d.backend == "folder":
-            common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
-                          img_size=size, interpolation=d.interpolation)
             train_src = FolderSource(train_samples, train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
                                      **common) if train else None
             val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
-            normalized = False
         else:
             from .dali_source import DaliSource
-            common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
-                          img_size=size, device=device, mean=info.mean, std=info.std, interpolation=d.interpolation)
             train_src = DaliSource(train_samples, f"{d.root}/train", train=True, scale=d.scale, ratio=d.ratio,
-                                   hflip=d.hflip, auto_augment=cfg.aug.auto_augment, **common) if train else None
-            val_src = DaliSource(val_samples, f"{d.root}/val", train=False, crop_pct=crop_pct, **common)
-            normalized = True
+                                   hflip=d.hflip, device=device, **common) if train else None
+            val_src = DaliSource(val_samples, f"{d.root}/val", train=False, crop_pct=crop_pct, device=device,
+                                 **common)
+        normalized = False
     elif d.backend == "ffcv":
         require("ffcv", "ffcv")
         from .ffcv_source import FfcvSource
@@ -170,7 +169,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         raise DataError(f"data.backend={d.backend!r}: expected dali, ffcv, folder or synthetic")
     val_stage = (lambda images, labels, seed: (images, labels)) if normalized else \
         _val_stage(info.mean, info.std, device)
-    mixup_until = cfg.train.epochs - cfg.aug.mixup_off_epoch if cfg.aug.mixup_off_epoch else None
+    mixup_until = cfg.aug.mixup_off_epoch or None  # timm's meaning: Mixup/CutMix off from this epoch on
     train_loader = Loader(train_src, _train_stage(cfg, info.mean, info.std, device, normalized,
                                                   augment=d.backend != "synthetic"), device, seed, rank,
                           world_size, bs, mixup_until) if train else None

@@ -1,4 +1,4 @@
-"""On-device training augmentation shared by the folder, FFCV and synthetic backends.
+"""On-device training augmentation shared by every backend (dali, ffcv, folder).
 
     aug = DeviceAugment(auto_augment="rand-m9-mstd0.5-inc1", mean=mean, std=std, num_classes=1000)
     images, targets = aug(images_uint8, labels, seed)  # normalised float (B,3,H,W), soft targets (B,C)
@@ -457,7 +457,7 @@ class MixupCutmix:
         self.mixup_alpha, self.cutmix_alpha, self.prob, self.switch_prob = mixup_alpha, cutmix_alpha, prob, switch_prob
         self.smoothing, self.num_classes = label_smoothing, num_classes
         self.generator = generator if generator is not None else torch.Generator()
-        self.enabled = True  # the trainer turns it off for the last mixup_off_epoch epochs
+        self.enabled = True  # the loader turns it off from epoch aug.mixup_off_epoch on
 
     @property
     def active(self) -> bool:
@@ -511,7 +511,7 @@ class DeviceAugment:
     one CPU generator that this object owns: seeded once (`seed`; give each rank its own) and
     saved with state_dict(), or re-seeded per batch through __call__'s `seed` (the Loader's
     batch_seed(seed, rank, epoch, step)), so a resumed run re-draws exactly the same.
-    normalize=False: the input is already a normalised float batch (DALI); only erasing and
+    normalize=False: the input is already a normalised float batch (FFCV's CPU fast path); only erasing and
     mixing run, and auto_augment must be 'none'."""
 
     def __init__(self, *, auto_augment: str, mean: Sequence[float], std: Sequence[float], num_classes: int,
@@ -533,7 +533,7 @@ class DeviceAugment:
             self.mean, self.inv_std = _to(self.mean, torch.device(device)), _to(self.inv_std, torch.device(device))
 
     def set_mixup_enabled(self, enabled: bool) -> None:
-        """Off for the last `aug.mixup_off_epoch` epochs: targets become smoothed one-hots."""
+        """Off from epoch `aug.mixup_off_epoch` on (timm's meaning): targets become smoothed one-hots."""
         self.mixup.set_enabled(enabled)
 
     def __call__(self, images: Tensor, labels: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:

@@ -3,20 +3,25 @@
 The reader shards by GLOBAL rank (shard_id = rank, num_shards = world size): with the local
 rank, multi-node runs would silently read one node's shards only. The file order of each epoch
 comes from data_pipeline/sharding.py, handed to the reader as an explicit list, so every epoch
-is reshuffled from the run's seed and a run can be positioned at any (epoch, sample offset). Crop,
-flip and RandAugment/AutoAugment (nvidia.dali.auto_aug) run inside DALI from its per-sample RNGs,
-seeded per (rank, epoch); those RNGs advance with every batch and cannot be set to a position,
-so a resume inside an epoch at the same world size replays the epoch's pipeline up to the resume
-point (decode and augment, outputs dropped, no training): the continuation is then the same as an
-uninterrupted run's, at the cost of at most one epoch of input-pipeline time. DALI's RandAugment
-has a fixed magnitude (no `mstd` noise).
+is reshuffled from the run's seed and a run can be positioned at any (epoch, sample offset). Crop and flip
+run inside DALI from its per-sample RNGs, seeded per (rank, epoch); those RNGs advance with every
+batch and cannot be set to a position, so a resume inside an epoch at the same world size replays
+the epoch's pipeline up to the resume point (decode and crop, outputs dropped, no training): the
+continuation is then the same as an uninterrupted run's, at the cost of at most one epoch of
+input-pipeline time.
+
+DALI hands on uint8 (B, 3, H, W) batches, as the folder and FFCV backends do, and RandAugment /
+AutoAugment, normalisation, erasing and Mixup run in the shared device stage
+(data_pipeline/augment.py): one implementation of the recipe for every backend. DALI's own
+`nvidia.dali.auto_aug` is not used: its RandAugment applies every drawn op (timm: each with p=0.5),
+has another op set, no magnitude noise, and its AutoAugment is timm's v0 policy, not the original.
+The train resize is antialiased bicubic, as Pillow's is on the folder path and as the eval resize.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import math
-import re
 
 import numpy as np
 import torch
@@ -40,25 +45,18 @@ def _gc_paused():
             gc.enable()
 
 
-def _parse_rand_augment(spec: str) -> tuple[int, int]:
-    n = re.search(r"-n(\d+)", spec)
-    m = re.search(r"-m(\d+)", spec)
-    return int(n.group(1)) if n else 2, round(float(m.group(1))) if m else 9
-
-
 class DaliSource:
     def __init__(self, samples: list[tuple[str, int]], where: str, rank: int, world_size: int, batch_size: int,
-                 train: bool, workers: int, seed: int, img_size: int, device: torch.device, mean, std, *,
+                 train: bool, workers: int, seed: int, img_size: int, device: torch.device, *,
                  interpolation: str = "bicubic", scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5,
-                 auto_augment: str = "none", crop_pct: float = 0.875) -> None:
+                 crop_pct: float = 0.875) -> None:
         """samples: (path, class index) from folder.scan_split, checked by build_loaders; where: for messages."""
         self.files = [p for p, _ in samples]
         self.labels = np.array([label for _, label in samples], dtype=np.int32)
         self.rank, self.world_size, self.batch_size, self.train = rank, world_size, batch_size, train
         self.threads, self.seed, self.device = max(1, workers), seed, device
-        self.opts = dict(img_size=img_size, mean=[255 * m for m in mean], std=[255 * s for s in std],
-                         interp=interpolation, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip,
-                         auto_augment=auto_augment, crop_pct=crop_pct)
+        self.opts = dict(img_size=img_size, interp=interpolation, scale=tuple(scale), ratio=tuple(ratio),
+                         hflip=hflip, crop_pct=crop_pct)
         n = self.num_samples = len(samples)
         self.micro = world_size * batch_size
         if train and n < self.micro:
@@ -79,13 +77,12 @@ class DaliSource:
 
     def _pipeline(self, files: list[str], labels: list[int], seed: int):
         from nvidia.dali import fn, pipeline_def, types
-        from nvidia.dali.auto_aug import auto_augment, rand_augment
 
         o, gpu = self.opts, self.device.type == "cuda"
         size = o["img_size"]
         interp = types.INTERP_CUBIC if o["interp"] == "bicubic" else types.INTERP_LINEAR
 
-        @pipeline_def(enable_conditionals=True)
+        @pipeline_def
         def pipe():
             jpegs, label = fn.readers.file(files=files, labels=labels, shard_id=self.rank,
                                            num_shards=self.world_size, random_shuffle=False,
@@ -95,21 +92,13 @@ class DaliSource:
                 images = fn.decoders.image_random_crop(
                     jpegs, device=decode_device, output_type=types.RGB, random_area=list(o["scale"]),
                     random_aspect_ratio=list(o["ratio"]), num_attempts=10)
-                images = fn.resize(images, size=[size, size], interp_type=interp, antialias=False)
-                aa = o["auto_augment"]
-                if aa == "autoaug-imagenet":
-                    images = auto_augment.auto_augment_image_net(images, shape=[size, size])
-                elif aa.startswith("rand"):
-                    n, m = _parse_rand_augment(aa)
-                    images = rand_augment.rand_augment(images, n=n, m=m, num_magnitude_bins=11, shape=[size, size])
+                images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
                 mirror = fn.random.coin_flip(probability=o["hflip"]) if o["hflip"] else 0
-                images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                                  mean=o["mean"], std=o["std"], mirror=mirror)
+                images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
             else:
                 images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
                 images = fn.resize(images, resize_shorter=math.floor(size / o["crop_pct"]), interp_type=interp)
-                images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=[size, size],
-                                                  mean=o["mean"], std=o["std"])
+                images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", crop=[size, size])
             return images, label
 
         return pipe(batch_size=self.batch_size, num_threads=self.threads,

@@ -3,10 +3,11 @@
     python launch/bench_data.py                      # generates 2,000 JPEGs of 500x375 in a temp dir
     python launch/bench_data.py --root /data/imagenet-subset --workers 8 --json
 
-Work per image, for every row: decode, RandomResizedCrop to 224, flip, normalise (no
-RandAugment, Mixup or erasing: those are the same device stage for all backends). Rows: our
+Work per image, for every row: decode, RandomResizedCrop to 224 (antialiased bicubic; FFCV: its
+area resize), flip, normalise; with --auto-augment also that policy (the shared device stage, as in
+training). No Mixup or erasing: the same device stage for all backends. Rows: our
 loaders (folder, ffcv at max side 256 and at FFCV's ImageNet default 500, dali) and the bare
-library loops doing the same work (FFCV Loader, DALI pipeline + iterator), with images/s and the
+library loops doing the same work (FFCV Loader; DALI pipeline + iterator + device stage), with images/s and the
 ratio to folder. Each row is timed over its second pass, after a warm-up pass (FFCV compiles its
 pipeline with numba on the first). A benchmark, not a test: it prints figures, asserts nothing.
 """
@@ -43,11 +44,12 @@ def timed_pass(make_iter) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def our_loader(root: Path, backend: str, batch: int, workers: int, size: int, classes: int):
+def our_loader(root: Path, backend: str, batch: int, workers: int, size: int, classes: int,
+               auto_augment: str = "none"):
     cfg = load_config(CONFIG_DIR / "cs_mixer_t.yaml", [
         f"data.backend={backend}", f"data.root={root}", f"data.workers={workers}", f"train.batch_size={batch}",
         "train.global_batch=null", "train.grad_accum=1", f"model.img_size={size}", f"model.num_classes={classes}",
-        "aug.auto_augment=none", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0", "optim.lr=1e-3"])
+        f"aug.auto_augment={auto_augment}", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0", "optim.lr=1e-3"])
     train, _ = build_loaders(resolved(cfg, 1), rank=0, world_size=1, device=torch.device("cpu"))
     return lambda: iter(train)
 
@@ -65,25 +67,32 @@ def bare_ffcv(beton: Path, batch: int, workers: int, size: int):
     return lambda: iter(loader)
 
 
-def bare_dali(root: Path, batch: int, workers: int, size: int):
+def bare_dali(root: Path, batch: int, workers: int, size: int, auto_augment: str = "none"):
+    """DALI's pipeline and iterator with the same work as our dali row: RandomResizedCrop, antialiased
+    bicubic resize and flip to uint8 in DALI, then the shared device stage (auto-augment, normalise)
+    called directly: no Loader, no sharded file lists, no positioning."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    from data_pipeline.augment import DeviceAugment
 
     @pipeline_def(batch_size=batch, num_threads=workers, device_id=None, seed=0)
     def pipe():
         jpegs, labels = fn.readers.file(file_root=str(root / "train"), random_shuffle=True, name="reader")
         images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
-        images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=False)
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN.tolist(),
-                                          std=STD.tolist(), mirror=fn.random.coin_flip())
+        images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW",
+                                          mirror=fn.random.coin_flip())
         return images, labels
 
     it = DALIGenericIterator(pipe(), ["images", "labels"], reader_name="reader",
                              last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+    stage = DeviceAugment(auto_augment=auto_augment, mean=MEAN / 255, std=STD / 255, num_classes=1000, reprob=0,
+                          mixup=0, cutmix=0, smoothing=0)
 
     def one_pass():
         for out in it:
-            yield out[0]["images"], out[0]["labels"]
+            yield stage(out[0]["images"], out[0]["labels"].view(-1).long())
     return one_pass
 
 
@@ -94,6 +103,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--backends", default="folder,ffcv,dali", help="comma-separated subset")
+    p.add_argument("--auto-augment", default="none", help="e.g. rand-m9-mstd0.5-inc1: our loaders apply it")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -113,10 +123,10 @@ def main() -> None:
     if not args.json:
         print(f"{root}: decode + RandomResizedCrop {args.img_size} + flip + normalise, batch {args.batch}, "
               f"{args.workers} workers")
-    b, w, s = args.batch, args.workers, args.img_size
+    b, w, s, aa = args.batch, args.workers, args.img_size, args.auto_augment
     classes = len(scan_split(root, "train")[1])
     if "folder" in backends:
-        run("folder (Pillow)", our_loader(root, "folder", b, w, s, classes))
+        run("folder (Pillow)", our_loader(root, "folder", b, w, s, classes, aa))
     if "ffcv" in backends:
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the table / JSON
             samples = verified_samples(root, w, skip_bad=False)
@@ -125,11 +135,11 @@ def main() -> None:
                            compress_fraction=0.5, workers=w)
         for side in (256, 500):
             out = Path(tmp.name) / f"ffcv{side}"
-            run(f"ffcv, max side {side}", our_loader(out, "ffcv", b, w, s, classes))
+            run(f"ffcv, max side {side}", our_loader(out, "ffcv", b, w, s, classes, aa))
             run(f"  bare FFCV Loader, max side {side}", bare_ffcv(out / "train.beton", b, w, s), True)
     if "dali" in backends:
-        run("dali (CPU mode)", our_loader(root, "dali", b, w, s, classes))
-        run("  bare DALI pipeline", bare_dali(root, b, w, s), True)
+        run("dali (CPU mode)", our_loader(root, "dali", b, w, s, classes, aa))
+        run("  bare DALI pipeline + device stage", bare_dali(root, b, w, s, aa), True)
     folder = next((r["images_per_s"] for r in rows if r["name"].startswith("folder")), None)
     for r in rows:
         r["ratio_to_folder"] = round(r["images_per_s"] / folder, 2) if folder else None

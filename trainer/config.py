@@ -65,7 +65,7 @@ class AugConfig:
     cutmix: float = knob(1.0, ge=0.0)      # Beta(alpha) for CutMix; 0 disables
     mixup_prob: float = knob(1.0, ge=0.0, le=1.0)
     mixup_switch_prob: float = knob(0.5, ge=0.0, le=1.0)
-    mixup_off_epoch: int = knob(0, ge=0)   # turn Mixup/CutMix off for the last N epochs
+    mixup_off_epoch: int = knob(0, ge=0)   # timm: Mixup/CutMix off from this epoch on (0: never off)
     smoothing: float = knob(0.1, ge=0.0, lt=1.0)
     reprob: float = knob(0.25, ge=0.0, le=1.0)
     remode: Literal["pixel", "const", "rand"] = "pixel"
