@@ -101,7 +101,8 @@ def _train_stage(cfg, mean, std, device, normalized_input: bool, augment: bool) 
 
     a = cfg.aug
     knobs = dict(auto_augment="none" if normalized_input else a.auto_augment, reprob=a.reprob, remode=a.remode,
-                 recount=a.recount, mixup=a.mixup, cutmix=a.cutmix, mixup_prob=a.mixup_prob)
+                 recount=a.recount, mixup=a.mixup, cutmix=a.cutmix, mixup_prob=a.mixup_prob,
+                 interpolation=cfg.data.interpolation)
     if not augment:
         knobs.update(auto_augment="none", reprob=0.0, mixup=0.0, cutmix=0.0)
     return DeviceAugment(mean=mean, std=std, normalize=not normalized_input, switch_prob=a.mixup_switch_prob,

@@ -118,41 +118,71 @@ def _affine(like: Tensor, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> Tensor:
     return torch.stack(entries, -1).view(-1, 2, 3)
 
 
-def _warp(x: Tensor, m: Tensor, fill: Tensor) -> Tensor:
-    """Pillow's Image.transform(AFFINE, BILINEAR, fillcolor): `m` (b,2,3) maps output pixel
-    coordinates to input ones (pixel centres at i + 0.5); a sample outside the input -> fill."""
+def _warp(x: Tensor, m: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
+    """Pillow's Image.transform(AFFINE, resample, fillcolor=fill): `m` (b,2,3) maps output pixel
+    coordinates to input ones (pixel centres at i + 0.5); a sample outside the input -> fill.
+    bicubic: Pillow's kernel (cubic convolution with a = -1) over the 4x4 neighbours, clamped at the border, truncated to
+    uint8 as Pillow does; bilinear: grid_sample, truncated likewise."""
     b, _, h, w = x.shape
     (a, bb, c), (d, e, f) = (row.unbind(-1) for row in m.unbind(1))
-    r = h / w  # the same map in affine_grid's normalised coordinates (u = 2 x / w - 1)
-    theta = _affine(a, a, bb * r, a + bb * r + 2 * c / w - 1, d / r, e, d / r + e + 2 * f / h - 1)
-    grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    inside = ((grid >= -1) & (grid < 1)).all(-1).unsqueeze(1)
+    if resample == "bilinear":
+        r = h / w  # the same map in affine_grid's normalised coordinates (u = 2 x / w - 1)
+        theta = _affine(a, a, bb * r, a + bb * r + 2 * c / w - 1, d / r, e, d / r + e + 2 * f / h - 1)
+        grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
+        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        inside = ((grid >= -1) & (grid < 1)).all(-1).unsqueeze(1)
+        return torch.where(inside, out, fill).floor_().to(torch.uint8)
+    ys = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1) + 0.5
+    xs = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, w) + 0.5
+    view = lambda t: t.view(b, 1, 1)
+    x_in = view(a) * xs + view(bb) * ys + view(c)  # (b, h, w) source coordinates
+    y_in = view(d) * xs + view(e) * ys + view(f)
+    inside = ((x_in >= 0) & (x_in < w) & (y_in >= 0) & (y_in < h)).unsqueeze(1)
+    x0, y0 = (x_in - 0.5).floor(), (y_in - 0.5).floor()
+    tx, ty = x_in - 0.5 - x0, y_in - 0.5 - y0
+
+    def weights(t: Tensor) -> list[Tensor]:  # Pillow's BICUBIC macro (Geometry.c) as 4 tap weights
+        u = 1 - t
+        return [-t * u * u, 1 - t * t * (1 + u), t * (1 + t * u), -t * t * u]
+
+    wx, wy = weights(tx), weights(ty)
+    cols = [(x0 + i - 1).clamp(0, w - 1).long() for i in range(4)]
+    rows = [(y0 + j - 1).clamp(0, h - 1).long() * w for j in range(4)]
+    flat = x.reshape(b, 3, h * w).float()
+    out = torch.zeros(b, 3, h * w, device=x.device)
+    for j in range(4):
+        row = torch.zeros_like(out)
+        for i in range(4):
+            idx = (rows[j] + cols[i]).view(b, 1, h * w).expand(b, 3, h * w)
+            row += flat.gather(2, idx) * wx[i].view(b, 1, h * w)
+        out += row * wy[j].view(b, 1, h * w)
+    out = out.view(b, 3, h, w).clamp_(0, 255)
     return torch.where(inside, out, fill).floor_().to(torch.uint8)
 
 
-def _shear_x(x: Tensor, v: Tensor, fill: Tensor) -> Tensor:
-    return _warp(x, _affine(v, b=v), fill)
+def _shear_x(x: Tensor, v: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
+    return _warp(x, _affine(v, b=v), fill, resample)
 
 
-def _shear_y(x: Tensor, v: Tensor, fill: Tensor) -> Tensor:
-    return _warp(x, _affine(v, d=v), fill)
+def _shear_y(x: Tensor, v: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
+    return _warp(x, _affine(v, d=v), fill, resample)
 
 
-def _translate_x(x: Tensor, pct: Tensor, fill: Tensor) -> Tensor:
-    return _warp(x, _affine(pct, c=pct * x.shape[3]), fill)
+def _translate_x(x: Tensor, pct: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
+    return _warp(x, _affine(pct, c=pct * x.shape[3]), fill, resample)
 
 
-def _translate_y(x: Tensor, pct: Tensor, fill: Tensor) -> Tensor:
-    return _warp(x, _affine(pct, f=pct * x.shape[2]), fill)
+def _translate_y(x: Tensor, pct: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
+    return _warp(x, _affine(pct, f=pct * x.shape[2]), fill, resample)
 
 
-def _rotate(x: Tensor, degrees: Tensor, fill: Tensor) -> Tensor:
+def _rotate(x: Tensor, degrees: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
     """Image.rotate(degrees): counter-clockwise about the centre (w/2, h/2)."""
     cx, cy = x.shape[3] / 2, x.shape[2] / 2
     t = torch.deg2rad(-degrees)
     cos, sin = torch.cos(t), torch.sin(t)
-    return _warp(x, _affine(t, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy), fill)
+    return _warp(x, _affine(t, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy), fill,
+                 resample)
 
 
 # ----------------------------------------------------------------------------- magnitudes
@@ -192,6 +222,7 @@ OPS: dict[str, tuple[Callable[[Tensor, Tensor, Tensor], Tensor], str]] = {
     "TranslateXRel": (_translate_x, "translate"), "TranslateYRel": (_translate_y, "translate"),
 }
 
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 RAND_TRANSFORMS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
                    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
                    "TranslateYRel")
@@ -235,14 +266,75 @@ def _check_uint8(images: Tensor) -> None:
 
 
 def apply_op(images: Tensor, name: str, magnitude: float | Tensor, sign: float | Tensor = 1.0,
-             fill: Sequence[int] = IMAGENET_FILL) -> Tensor:
+             fill: Sequence[int] = IMAGENET_FILL, resample: str = "bicubic") -> Tensor:
     """One op at a fixed magnitude (0..10, timm scale) on every sample: for tests and inspection."""
     _check_uint8(images)
     fn, level = OPS[name]
     b = images.shape[0]
     arg = _LEVELS[level](torch.as_tensor(magnitude, dtype=torch.float64).expand(b),
                          torch.as_tensor(sign, dtype=torch.float64).expand(b))
-    return fn(images, _to(arg.float(), images.device), _to(_fill(fill), images.device))
+    return fn(images, _to(arg.float(), images.device), _to(_fill(fill), images.device),
+              **({"resample": resample} if name in GEOMETRIC_OPS else {}))
+
+
+# ----------------------------------------------------------------------------- draw statistics
+
+class DrawRecorder:
+    """The stage's own draws, counted as they are made (launch/preview_augment.py, parity tests):
+    ops applied per image, which ops at which magnitudes, erasing and Mixup/CutMix."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.ops_per_image: list[int] = []
+        self.op_counts: dict[str, int] = {}
+        self.op_magnitudes: dict[str, float] = {}
+        self.erased_images = self.erased_boxes = self.erasing_images = 0
+        self.mixing: dict[str, int] = {"mixup": 0, "cutmix": 0, "none": 0}
+        self.mixing_images, self.lam_sum = 0, 0.0
+
+    def auto_augment(self, names: Sequence[str], plan: list[OpLayer]) -> None:
+        applied = torch.stack([layer.apply for layer in plan], 1)  # (B, layers)
+        self.ops_per_image += applied.sum(1).tolist()
+        for layer in plan:
+            for op, mag in zip(layer.op[layer.apply].tolist(), layer.magnitude[layer.apply].tolist()):
+                self.op_counts[names[op]] = self.op_counts.get(names[op], 0) + 1
+                self.op_magnitudes[names[op]] = self.op_magnitudes.get(names[op], 0.0) + mag
+
+    def erasing(self, active: Tensor) -> None:
+        boxes = active.sum(1)
+        self.erasing_images += len(boxes)
+        self.erased_images += int((boxes > 0).sum())
+        self.erased_boxes += int(boxes.sum())
+
+    def mix(self, lam: float, box, batch: int) -> None:
+        mode = "none" if lam == 1.0 else "mixup" if box is None else "cutmix"
+        self.mixing[mode] += batch
+        self.mixing_images += batch
+        self.lam_sum += lam * batch
+
+    def summary(self) -> dict:
+        """The statistics as plain JSON values; op_frequency is each op's share of all applied ops."""
+        n, counts = len(self.ops_per_image), self.ops_per_image
+        applied = sum(self.op_counts.values())
+        out: dict = dict(images=self.images)
+        if n:
+            hist = {str(k): round(counts.count(k) / n, 4) for k in range(max(counts) + 1)}
+            out.update(
+                ops_per_image_mean=round(sum(counts) / n, 4), ops_per_image_histogram=hist,
+                untouched_fraction=round(counts.count(0) / n, 4),
+                op_frequency={k: round(v / applied, 4) for k, v in sorted(self.op_counts.items())},
+                op_magnitude_mean={k: round(self.op_magnitudes[k] / v, 3) for k, v in sorted(self.op_counts.items())},
+                magnitude_mean=round(sum(self.op_magnitudes.values()) / applied, 3) if applied else None)
+        else:  # no auto-augment: every image leaves it untouched
+            out.update(ops_per_image_mean=0.0, ops_per_image_histogram={"0": 1.0}, untouched_fraction=1.0,
+                       op_frequency={}, op_magnitude_mean={}, magnitude_mean=None)
+        if self.erasing_images:
+            out["erasing"] = dict(erased_fraction=round(self.erased_images / self.erasing_images, 4),
+                                  boxes_per_erased_image=round(self.erased_boxes / max(1, self.erased_images), 3))
+        if self.mixing_images:
+            out["mixing"] = {f"{k}_fraction": round(v / self.mixing_images, 4) for k, v in self.mixing.items()}
+            out["mixing"]["lam_mean"] = round(self.lam_sum / self.mixing_images, 4)
+        return out
 
 
 # ----------------------------------------------------------------------------- policies
@@ -263,6 +355,8 @@ class PerSampleOps:
 
     def __init__(self, generator: torch.Generator, fill: Sequence[int]) -> None:
         self.generator, self.fill = generator, tuple(fill)
+        self.resample = "bicubic"  # geometric ops: timm resamples as the train interpolation says
+        self.recorder: DrawRecorder | None = None
 
     def sample(self, batch: int) -> list[OpLayer]:
         raise NotImplementedError
@@ -282,11 +376,15 @@ class PerSampleOps:
                 fn, level = OPS[name]
                 arg = _LEVELS[level](layer.magnitude[idx], layer.sign[idx])
                 idx_d = _to(idx, dev)
-                x.index_copy_(0, idx_d, fn(x.index_select(0, idx_d), _to(arg.float(), dev), fill))
+                x.index_copy_(0, idx_d, fn(x.index_select(0, idx_d), _to(arg.float(), dev), fill,
+                                           **({"resample": self.resample} if name in GEOMETRIC_OPS else {})))
         return x
 
     def __call__(self, images: Tensor) -> Tensor:
-        return self.apply(images, self.sample(images.shape[0]))
+        plan = self.sample(images.shape[0])
+        if self.recorder is not None:
+            self.recorder.auto_augment(self.names, plan)
+        return self.apply(images, plan)
 
 
 class RandAugment(PerSampleOps):
@@ -364,15 +462,22 @@ class AutoAugment(PerSampleOps):
         return plan
 
 
-def build_auto_augment(spec: str, generator: torch.Generator,
-                       fill: Sequence[int] = IMAGENET_FILL) -> PerSampleOps | None:
-    """'none' -> None, 'autoaug-imagenet' -> AutoAugment, 'rand-...' -> RandAugment."""
+def build_auto_augment(spec: str, generator: torch.Generator, fill: Sequence[int] = IMAGENET_FILL,
+                       resample: str = "bicubic") -> PerSampleOps | None:
+    """'none' -> None, 'autoaug-imagenet' -> AutoAugment, 'rand-...' -> RandAugment; `resample`
+    (bicubic or bilinear) for the geometric ops."""
+    if resample not in ("bicubic", "bilinear"):
+        raise ValueError(f"interpolation '{resample}': expected 'bicubic' or 'bilinear'")
+    ops: PerSampleOps | None = None
     if spec in ("none", ""):
         return None
     if spec == "autoaug-imagenet":
-        return AutoAugment(generator, fill=fill)
-    if spec == "rand" or spec.startswith("rand-"):
-        return RandAugment.from_spec(spec, generator, fill=fill)
+        ops = AutoAugment(generator, fill=fill)
+    elif spec == "rand" or spec.startswith("rand-"):
+        ops = RandAugment.from_spec(spec, generator, fill=fill)
+    if ops is not None:
+        ops.resample = resample
+        return ops
     raise ValueError(f"auto_augment '{spec}' is not understood: expected 'none', 'autoaug-imagenet' "
                      "or a RandAugment string like 'rand-m9-mstd0.5-inc1'")
 
@@ -393,6 +498,7 @@ class RandomErasing:
         self.area = (min_area, max_area)
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
         self.generator = generator if generator is not None else torch.Generator()
+        self.recorder: DrawRecorder | None = None
 
     def sample(self, batch: int, h: int, w: int) -> tuple[Tensor, Tensor]:
         """Host plan: boxes (B, max_count, 4) as (top, left, height, width) and active (B, max_count)."""
@@ -414,6 +520,8 @@ class RandomErasing:
     def __call__(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         boxes, active = self.sample(b, h, w)
+        if self.recorder is not None:
+            self.recorder.erasing(active)
         seed = int(torch.randint(2**62, (), generator=self.generator))
         colors = torch.randn(b, self.max_count, c, generator=self.generator)
         idx = torch.nonzero(active.any(1)).flatten()
@@ -458,6 +566,7 @@ class MixupCutmix:
         self.smoothing, self.num_classes = label_smoothing, num_classes
         self.generator = generator if generator is not None else torch.Generator()
         self.enabled = True  # the loader turns it off from epoch aug.mixup_off_epoch on
+        self.recorder: DrawRecorder | None = None
 
     @property
     def active(self) -> bool:
@@ -492,6 +601,8 @@ class MixupCutmix:
             raise ValueError(f"Mixup/CutMix need an even per-rank batch, got {x.shape[0]}")
         y = smoothed_one_hot(labels, self.num_classes, self.smoothing)
         lam, box = self.sample(x.shape[2], x.shape[3])
+        if self.recorder is not None:
+            self.recorder.mix(lam, box, x.shape[0])
         if lam == 1.0:
             return x, y
         if box is None:
@@ -517,20 +628,28 @@ class DeviceAugment:
     def __init__(self, *, auto_augment: str, mean: Sequence[float], std: Sequence[float], num_classes: int,
                  reprob: float = 0.25, remode: str = "pixel", recount: int = 1, mixup: float = 0.8,
                  cutmix: float = 1.0, mixup_prob: float = 1.0, switch_prob: float = 0.5, smoothing: float = 0.1,
-                 seed: int = 0, normalize: bool = True, device: torch.device | str | None = None) -> None:
+                 seed: int = 0, normalize: bool = True, device: torch.device | str | None = None,
+                 interpolation: str = "bicubic") -> None:
         self.generator = torch.Generator().manual_seed(seed)
         fill = tuple(min(255, round(255 * m)) for m in mean)  # timm's img_mean fill for geometric ops
-        self.auto_augment = build_auto_augment(auto_augment, self.generator, fill=fill)
+        self.auto_augment = build_auto_augment(auto_augment, self.generator, fill=fill, resample=interpolation)
         if self.auto_augment is not None and not normalize:
             raise ValueError(f"auto_augment '{auto_augment}' needs the uint8 batch; with normalize=False "
                              "(already normalised input) use 'none'")
-        self.normalize = normalize
+        self.normalize, self.recorder = normalize, None
         self.erasing = RandomErasing(reprob, remode, recount, generator=self.generator) if reprob > 0 else None
         self.mixup = MixupCutmix(mixup, cutmix, mixup_prob, switch_prob, smoothing, num_classes, self.generator)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         if device is not None:
             self.mean, self.inv_std = _to(self.mean, torch.device(device)), _to(self.inv_std, torch.device(device))
+
+    def record(self, recorder: DrawRecorder | None) -> None:
+        """Count every draw from here on into `recorder` (None: stop counting)."""
+        for part in (self.auto_augment, self.erasing, self.mixup):
+            if part is not None:
+                part.recorder = recorder
+        self.recorder = recorder
 
     def set_mixup_enabled(self, enabled: bool) -> None:
         """Off from epoch `aug.mixup_off_epoch` on (timm's meaning): targets become smoothed one-hots."""
@@ -539,6 +658,8 @@ class DeviceAugment:
     def __call__(self, images: Tensor, labels: Tensor, seed: int | None = None) -> tuple[Tensor, Tensor]:
         if seed is not None:
             self.generator.manual_seed(seed)
+        if self.recorder is not None:
+            self.recorder.images += images.shape[0]
         x = images
         if self.normalize:
             _check_uint8(images)

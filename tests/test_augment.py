@@ -53,8 +53,8 @@ def from_pil(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
-def affine(m):
-    return lambda i: i.transform(i.size, Image.AFFINE, m, resample=Image.BILINEAR, fillcolor=IMAGENET_FILL)
+def affine(m, resample=Image.BICUBIC):
+    return lambda i: i.transform(i.size, Image.AFFINE, m, resample=resample, fillcolor=IMAGENET_FILL)
 
 
 # (op, magnitude, sign, the Pillow call timm makes for it); timm's level rules worked out by hand
@@ -81,8 +81,8 @@ PIL_CASES = [
     ("Sharpness", 7, 1, lambda i: ImageEnhance.Sharpness(i).enhance(1.36)),
     ("SharpnessIncreasing", 9, 1, lambda i: ImageEnhance.Sharpness(i).enhance(1.81)),
     ("SharpnessIncreasing", 9, -1, lambda i: ImageEnhance.Sharpness(i).enhance(0.19)),
-    ("Rotate", 7, 1, lambda i: i.rotate(21.0, resample=Image.BILINEAR, fillcolor=IMAGENET_FILL)),
-    ("Rotate", 10, -1, lambda i: i.rotate(-30.0, resample=Image.BILINEAR, fillcolor=IMAGENET_FILL)),
+    ("Rotate", 7, 1, lambda i: i.rotate(21.0, resample=Image.BICUBIC, fillcolor=IMAGENET_FILL)),
+    ("Rotate", 10, -1, lambda i: i.rotate(-30.0, resample=Image.BICUBIC, fillcolor=IMAGENET_FILL)),
     ("ShearX", 7, 1, affine((1, 0.21, 0, 0, 1, 0))),
     ("ShearX", 10, -1, affine((1, -0.3, 0, 0, 1, 0))),
     ("ShearY", 7, 1, affine((1, 0, 0, 0.21, 1, 0))),
@@ -103,10 +103,29 @@ def test_op_matches_pillow(name, magnitude, sign, reference):
     expected = torch.stack([from_pil(reference(to_pil(img))) for img in x])
     diff = (out.int() - expected.int()).abs()
     assert out.dtype == torch.uint8 and out.shape == x.shape
-    if name in GEOMETRIC:  # float32 grid vs Pillow's double: rare +-1, a fill/edge flip at most
-        assert (diff > 0).float().mean() < 0.06 and (diff > 1).float().mean() < 0.005, diff.max()
+    if name in GEOMETRIC:  # bicubic in float32 vs Pillow's double: measured <= 3.8 % of pixels off by 1
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.05, diff.max()
     else:
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, diff.max()
+
+
+BILINEAR_CASES = [
+    ("Rotate", 7, 1, lambda i: i.rotate(21.0, resample=Image.BILINEAR, fillcolor=IMAGENET_FILL)),
+    ("ShearX", 7, 1, affine((1, 0.21, 0, 0, 1, 0), Image.BILINEAR)),
+    ("TranslateYRel", 7, 1, affine((1, 0, 0, 0, 1, 0.315 * H), Image.BILINEAR)),
+]
+
+
+@pytest.mark.parametrize("name,magnitude,sign,reference", BILINEAR_CASES, ids=[c[0] for c in BILINEAR_CASES])
+def test_geometric_op_bilinear_matches_pillow(name, magnitude, sign, reference):
+    """data.interpolation=bilinear: the geometric ops resample as Pillow's BILINEAR."""
+    x = textured(4, seed=1)
+    out = apply_op(x, name, magnitude, sign, resample="bilinear")
+    expected = torch.stack([from_pil(reference(to_pil(img))) for img in x])
+    diff = (out.int() - expected.int()).abs()
+    assert (diff > 0).float().mean() < 0.06 and (diff > 1).float().mean() < 0.005, diff.max()
+    bicubic = apply_op(x, name, magnitude, sign)
+    assert (bicubic.int() - expected.int()).abs().max() > 1  # the two resamplings do differ
 
 
 def test_every_rand_op_has_a_pillow_case():
