@@ -195,7 +195,7 @@ def test_rand_augment_draws_follow_timm():
     for layer in plan:
         assert abs(layer.apply.double().mean() - 0.5) < 0.02                 # per-op prob 0.5
         counts = torch.bincount(layer.op, minlength=15).double() / 20000
-        assert counts.min() > 1 / 15 - 0.015 and counts.max() < 1 / 15 + 0.015  # uniform over 15 ops
+        assert counts.min() > 1 / 15 - 0.01 and counts.max() < 1 / 15 + 0.01  # uniform over 15 ops
         m = layer.magnitude
         assert m.min() >= 0 and m.max() <= 10 and abs(m.mean() - 9) < 0.05 and abs(m.std() - 0.5) < 0.05
         assert abs((layer.sign > 0).double().mean() - 0.5) < 0.02

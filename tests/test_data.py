@@ -264,3 +264,97 @@ def test_end_to_end_benchmark_trains_with_every_backend(jpeg_root, tmp_path):
     assert report["setup"]["model"] == "cs_mixer_tiny" and report["env"]["ffcv"] == "1.0.2"
     assert "share of synthetic" in result.stdout
     assert not list((tmp_path / "runs").iterdir())  # each row's run was removed
+
+
+# ----------------------------------------------------------------------------- recipe fidelity
+
+def preview_json(root, backend: str, *extra: str) -> dict:
+    import json
+    result = run_script(str(REPO / "launch/preview_augment.py"), "--config", "cs_mixer_tiny", "--json", "--images",
+                        "2000", "--out", str(root / f"previews_{backend}"), f"data.backend={backend}",
+                        f"data.root={root}", "model.num_classes=4", "model.img_size=32", "data.workers=1",
+                        "aug.auto_augment=rand-m9-mstd0.5-inc1", "aug.reprob=0.25", "aug.mixup=0.8", "aug.cutmix=1.0",
+                        "aug.mixup_prob=1.0", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_preview_statistics_are_the_recipe_and_the_same_on_every_backend(jpeg_root):
+    """rand-m9-mstd0.5-inc1 over >= 2,000 draws through each backend's own pipeline: timm's
+    RandAugment applies each of its 2 ops with p=0.5 (1.0 op per image, 1/4 untouched), all 15 ops
+    equally often, magnitude ~ N(9, 0.5); and DALI, FFCV and folder draw the very same."""
+    reports = {b: preview_json(jpeg_root, b) for b in BACKENDS}
+    for backend, r in reports.items():
+        assert r["images"] >= 2000 and r["auto_augment"] == "rand-m9-mstd0.5-inc1"
+        assert abs(r["ops_per_image_mean"] - 1.0) <= 0.05, (backend, r["ops_per_image_mean"])
+        assert abs(r["untouched_fraction"] - 0.25) <= 0.03, (backend, r["untouched_fraction"])
+        assert len(r["op_frequency"]) == 15
+        assert all(abs(share - 1 / 15) <= 0.015 for share in r["op_frequency"].values()), r["op_frequency"]
+        assert abs(r["magnitude_mean"] - 9.0) < 0.1
+        assert abs(r["erasing"]["erased_fraction"] - 0.25) <= 0.03
+        assert r["mixing"]["none_fraction"] == 0 and 0.3 < r["mixing"]["cutmix_fraction"] < 0.7
+        for grid in r["grids"].values():
+            with Image.open(grid) as img:
+                assert img.width > 8 * 32 and img.height > 32
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("backend", "grids")}
+    assert strip(reports["dali"]) == strip(reports["folder"]) == strip(reports["ffcv"])
+
+
+def test_mixup_is_on_before_mixup_off_epoch_and_off_from_it_on(jpeg_root):
+    """timm's meaning of mixup_off_epoch=N: Mixup/CutMix in epochs 0..N-1, plain targets from epoch N on."""
+    cfg = make_cfg(jpeg_root, "folder", **{"aug.mixup": 0.8, "aug.cutmix": 1.0, "aug.mixup_off_epoch": 2,
+                                          "train.epochs": 5})
+    train, _ = build_loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+    mixed = []
+    for _epoch in range(5):  # iterating again continues with the next epoch
+        targets = torch.cat([y for _, y in train])
+        one_hot = bool(((targets == 0) | (targets == 1)).all())
+        mixed.append(not one_hot)
+    assert mixed == [True, True, False, False, False]  # not "the last 2 epochs" (that was [T, T, T, F, F])
+
+
+@pytest.fixture(scope="module")
+def one_image_root(tmp_path_factory):
+    """Every train and val file is the same 96x96 noisy JPEG, and FFCV files at full size."""
+    root = tmp_path_factory.mktemp("one_image")
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    for split, copies in (("train", 8), ("val", 1)):
+        for c in range(2):
+            (root / split / f"class_{c}").mkdir(parents=True)
+            for i in range(copies):
+                img.save(root / split / f"class_{c}" / f"img_{i}.JPEG", quality=95)
+    result = run_script(PREPARE, "ffcv", "--root", str(root), "--max-side", "96", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def first_train_and_val_image(root, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = make_cfg(root, backend, **{"model.num_classes": 2, "data.scale": "[1.0,1.0]", "data.ratio": "[1.0,1.0]",
+                                     "data.hflip": 0, "data.crop_pct": 1.0})
+    train, val = build_loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"))
+    return next(iter(train))[0][0], next(iter(val))[0][0]
+
+
+def test_train_resize_resamples_like_the_eval_resize_on_every_backend(one_image_root):
+    """A whole-image train crop (scale 1, ratio 1) and the eval resize (crop_pct 1) of the same 96 px
+    image, both to 32 px: the same antialiased downscale. DALI's train resize ran with antialias=False
+    before: aliased, like the plain bicubic reference below, far from its eval image."""
+    import torch.nn.functional as F
+
+    images = {b: first_train_and_val_image(one_image_root, b) for b in BACKENDS}
+    folder_train, folder_val = images["folder"]
+    assert torch.equal(folder_train, folder_val)  # Pillow: one resize, both paths
+    dali_train, dali_val = images["dali"]
+    assert (dali_train - dali_val).abs().mean() < 0.01 and (dali_train - folder_train).abs().mean() < 0.02
+    # FFCV decodes with libjpeg's DCT downscale and resizes with OpenCV's INTER_AREA: antialiased
+    # (a box filter), not bicubic; measured 0.066 train vs eval and 0.118 vs Pillow's bicubic.
+    ffcv_train, ffcv_val = images["ffcv"]
+    assert (ffcv_train - ffcv_val).abs().mean() < 0.1 and (ffcv_train - folder_train).abs().mean() < 0.2
+    with Image.open(next((one_image_root / "train/class_0").iterdir())) as f:
+        pixels = torch.from_numpy(np.asarray(f.convert("RGB")).copy()).permute(2, 0, 1)[None].float()
+    aliased = F.interpolate(pixels, size=(32, 32), mode="bicubic", antialias=False).clamp(0, 255).round()[0]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    aliased = (aliased / 255 - mean) / std
+    for train_img in (folder_train, dali_train, ffcv_train):
+        assert (train_img - aliased).abs().mean() > 0.3  # what a resize without antialiasing gives
