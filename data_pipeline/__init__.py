@@ -57,6 +57,12 @@ class Loader:
         self.micro_samples = world_size * batch_size  # global samples per micro-batch
         self.mixup_until_epoch = mixup_until_epoch  # timm's mixup_off_epoch, as the first epoch without
         self.epoch, self.start, self.end = 0, 0, None
+        self.bad_files: list[tuple[str, str]] = []  # (path, why) left out when the split was scanned
+
+    @property
+    def decode_failures(self) -> int:
+        """Samples replaced so far because their file did not decode (folder backend)."""
+        return getattr(self.source, "decode_failures", 0)
 
     @property
     def num_samples(self) -> int:
@@ -135,9 +141,17 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
     elif d.backend in ("folder", "dali"):  # both read the JPEG tree: scan it once, check it once
         if d.backend == "dali":
             require("nvidia.dali", "dali")
-        from .folder import FolderSource, check_same_classes, scan_split
+        from .folder import FolderSource, check_same_classes, filelist_path, scan_split, screen
         train_samples, train_classes = scan_split(d.root, "train") if train else (None, None)
         val_samples, val_classes = scan_split(d.root, "val")
+        bad: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
+        for split in ("train", "val") if train else ("val",):  # an unverified tree: a cheap check of every file
+            if not filelist_path(d.root, split).is_file():
+                kept, bad[split] = screen(train_samples if split == "train" else val_samples)
+                if split == "train":
+                    train_samples = kept
+                else:
+                    val_samples = kept
         if train:
             check_same_classes(d.root, train_classes, val_classes)
         if len(val_classes) != cfg.model.num_classes:
@@ -174,4 +188,9 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
     train_loader = Loader(train_src, _train_stage(cfg, info.mean, info.std, device, normalized,
                                                   augment=d.backend != "synthetic"), device, seed, rank,
                           world_size, bs, mixup_until) if train else None
-    return train_loader, Loader(val_src, val_stage, device, seed, rank, world_size, bs)
+    val_loader = Loader(val_src, val_stage, device, seed, rank, world_size, bs)
+    if d.backend in ("folder", "dali"):
+        if train_loader is not None:
+            train_loader.bad_files = bad["train"]
+        val_loader.bad_files = bad["val"]
+    return train_loader, val_loader

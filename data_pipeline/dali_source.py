@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import sys
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class DaliSource:
                  interpolation: str = "bicubic", scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5,
                  crop_pct: float = 0.875) -> None:
         """samples: (path, class index) from folder.scan_split, checked by build_loaders; where: for messages."""
-        self.files = [p for p, _ in samples]
+        self.files, self.where = [p for p, _ in samples], where
         self.labels = np.array([label for _, label in samples], dtype=np.int32)
         self.rank, self.world_size, self.batch_size, self.train = rank, world_size, batch_size, train
         self.threads, self.seed, self.device = max(1, workers), seed, device
@@ -64,6 +65,7 @@ class DaliSource:
         per_rank = epoch_end(n, self.micro) // world_size if train else len(val_shard(n, rank, world_size))
         self.batches_per_epoch = -(-per_rank // batch_size)
         self._next: dict = {}  # (epoch, start, end) -> an iterator already built and prefetching
+        self.decode_failures = 0  # files replaced because DALI could not decode them
 
     def _epoch_files(self, epoch: int, start: int, end: int) -> tuple[list[str], list[int]]:
         """The global file list for the reader: rank blocks of samples [start, end) (the reader's
@@ -116,6 +118,45 @@ class DaliSource:
             return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
                                        last_batch_policy=policy, auto_reset=False)
 
+    def _rank_order(self, epoch: int, start: int, end: int | None) -> np.ndarray:
+        """This rank's sample indices in the order its reader reads them."""
+        n = len(self.files)
+        if self.train:
+            return train_shard(n, self.rank, self.world_size, self.batch_size, self.seed, epoch, start, end)
+        return np.arange(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
+
+    def _replace_undecodable(self, candidates: np.ndarray, error: Exception) -> None:
+        """DALI stops its pipeline on a file it cannot decode and does not say which: find the first of
+        `candidates` (the batches from the failing one on) that Pillow cannot decode either, name it,
+        and put the next decodable file (and its label) in its place, for the rest of the run."""
+        from .folder import load_rgb
+
+        for i in candidates.tolist():
+            try:
+                load_rgb(self.files[i])
+                continue
+            except RuntimeError as e:
+                reason = str(e)
+            j = next(k % len(self.files) for k in range(i + 1, i + len(self.files)) if self._decodes(k % len(self.files)))
+            lines = str(error).splitlines()
+            said = next((b for a, b in zip(lines, lines[1:]) if a.strip() == "encountered:"), lines[-1])
+            print(f"[data] WARNING {reason} (DALI: {said.strip()}); replaced by {self.files[j]}", file=sys.stderr,
+                  flush=True)
+            self.files[i], self.labels[i] = self.files[j], self.labels[j]
+            self.decode_failures += 1
+            return
+        raise DataError(f"DALI could not decode an image of {self.where} that Pillow decodes, so it cannot be "
+                        f"named; run `python launch/prepare_data.py verify --root <data.root> --skip-bad` to "
+                        f"list and leave out unreadable files. DALI said: {error}")
+
+    def _decodes(self, i: int) -> bool:
+        from .folder import load_rgb
+        try:
+            load_rgb(self.files[i])
+            return True
+        except RuntimeError:
+            return False
+
     def batches(self, epoch: int, start: int, end: int | None):
         if self.train:
             end = epoch_end(len(self.files), self.micro) if end is None else end
@@ -125,11 +166,23 @@ class DaliSource:
             replay, end = 0, None
         it = self._next.pop((epoch, start, end), None) or self._iterator(epoch, start, end)
         self._next.clear()  # a prepared pipeline for another position is no longer wanted
-        skip = replay // self.micro
-        for out in it:
-            if skip:
-                skip -= 1
-                continue
-            yield out[0]["images"], out[0]["labels"].view(-1).long()
+        skip, handed_on = replay // self.micro, 0
+        while True:
+            try:
+                for out in it:
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield out[0]["images"], out[0]["labels"].view(-1).long()
+                    handed_on += 1
+                break
+            except RuntimeError as e:  # an undecodable file: replace it, rebuild, replay to where we were
+                if "Critical error in pipeline" not in str(e):
+                    raise
+                del it
+                done = replay // self.micro + handed_on
+                self._replace_undecodable(self._rank_order(epoch, start, end)[done * self.batch_size:], e)
+                it, skip, handed_on = self._iterator(epoch, start, end), done, 0
+                replay = 0
         if self.train:  # the next epoch's pipeline fills its queue while the trainer evaluates
             self._next = {(epoch + 1, 0, end): self._iterator(epoch + 1, 0, end)}

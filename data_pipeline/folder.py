@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +52,38 @@ def scan_split(root: str | Path, split: str, use_filelist: bool = True) -> tuple
                                     f"(expected *.JPEG/*.jpg/*.png)")
         samples += [(str(f), idx) for f in files]
     return samples, classes
+
+
+_MAGIC = {b"\xff\xd8\xff": ("JPEG", b"\xff\xd9"), b"\x89PN": ("PNG", b"IEND")}
+
+
+def sniff_image(path: str) -> str | None:
+    """A cheap check (two small reads, no decode) for what most often breaks a run hours in: an empty
+    file, a file that is not a JPEG/PNG whatever its name, a file cut short (no end marker in its
+    last 64 bytes). None when the file looks whole; else why not."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(3)
+            if not head:
+                return "empty file"
+            kind = _MAGIC.get(head)
+            if kind is None:
+                return f"not a JPEG or PNG (starts with {head.hex()})"
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 64))
+            if kind[1] not in f.read():
+                return f"truncated {kind[0]} (no end marker)"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    return None
+
+
+def screen(samples: list[tuple[str, int]], threads: int = 16) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """(samples that look whole, [(path, reason)] for those left out), by sniff_image."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads) as pool:  # I/O bound: threads overlap the reads
+        reasons = list(pool.map(sniff_image, [p for p, _ in samples], chunksize=256))
+    kept = [s for s, r in zip(samples, reasons) if r is None]
+    return kept, [(p, r) for (p, _), r in zip(samples, reasons) if r is not None]
 
 
 def check_same_classes(root: str | Path, train_classes: list[str], val_classes: list[str]) -> None:
@@ -118,10 +151,18 @@ class ImageFolderSplit(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        """(image, label, 1 if the sample was replaced because its file did not decode)."""
         epoch, index = key
-        path, label = self.samples[index]
-        img = load_rgb(path)
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                img = load_rgb(path)
+                break
+            except RuntimeError as e:  # named, then replaced by the next file: the run goes on
+                print(f"[data] WARNING {e}; replaced by the next image in this batch", file=sys.stderr, flush=True)
+        else:
+            raise RuntimeError(f"no image of the split decodes (the last tried: {path})")
         size = self.img_size
         if self.train:
             gen = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & (2 ** 62 - 1))
@@ -131,7 +172,7 @@ class ImageFolderSplit(Dataset):
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             img = center_crop(img, size, self.crop_pct, self.resample)
-        return to_uint8_chw(img), label
+        return to_uint8_chw(img), label, int(attempt > 0)
 
 
 class _WindowBatches:
@@ -164,17 +205,15 @@ class FolderSource:
                                  pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers else None)
         self.batches_per_epoch = -(-len(order_fn(0, 0, None)) // batch_size)
+        self.decode_failures = 0  # samples replaced because their file did not decode
 
     def batches(self, epoch: int, start: int, end: int | None):
         self.sampler.epoch, self.sampler.start, self.sampler.end = epoch, start, end
         record = os.environ.get("TRAIN_TEST_RECORD_SAMPLES") if self.dataset.train else None
-        return self._recorded(record) if record else iter(self.loader)
-
-    def _recorded(self, path: str):
-        """Test-only: append "epoch index" of every train sample as its batch is handed on (not when a
-        worker prefetches it), so tests can count how often each image is used."""
-        order = iter(self.sampler)
-        for batch in self.loader:
-            with open(path, "a") as f:
-                f.write("".join(f"{e} {i}\n" for e, i in next(order)))
-            yield batch
+        order = iter(self.sampler) if record else None
+        for images, labels, replaced in self.loader:
+            self.decode_failures += int(replaced.sum())
+            if record:  # test-only: "epoch index" of every train sample as its batch is handed on
+                with open(record, "a") as f:
+                    f.write("".join(f"{e} {i}\n" for e, i in next(order)))
+            yield images, labels

@@ -243,3 +243,54 @@ def test_gpu_check_dry_mode_writes_its_json(tmp_path):
     assert t["first_rc"] == 0 and t["resume_rc"] == 0 and t["resumed"], t
     assert t["export_parity"]["max_abs_diff"] == 0.0 and t["steady_images_per_s"] > 0
     assert "0 graph break(s)" in t["compile_report"]
+
+
+def add_bad_files(root: Path) -> dict[str, str]:
+    """A truncated, an empty, a non-image and a corrupt-inside (whole-looking) .JPEG among the train images."""
+    folder = root / "train" / sorted(p.name for p in (root / "train").iterdir())[0]
+    good = next(folder.glob("*.JPEG")).read_bytes()
+    files = {"truncated": good[:len(good) // 2], "empty": b"", "notimage": b"<html>404 Not Found</html>\n",
+             "corrupt": good[:200] + bytes(range(256)) * 2 + good[-2:]}
+    for name, data in files.items():
+        (folder / f"zz_{name}.JPEG").write_bytes(data)
+    return {name: str(folder / f"zz_{name}.JPEG") for name in files}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["folder", "dali", "ffcv"])
+def test_bad_image_files_never_stop_a_run(tmp_path, digits_root, backend):
+    """An unverified tree with a truncated, an empty and a non-image .JPEG (left out at scan time: a
+    cheap header/end-marker check, named in the log and counted in MLflow) and one that looks whole but
+    does not decode (replaced in its batch when read, named and counted). FFCV: prepare_data names and
+    leaves them out. Every run finishes."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(digits_root, root, ignore=shutil.ignore_patterns("*_filelist.txt", "*.beton"))
+    bad = add_bad_files(root)
+    data_root = root
+    if backend == "ffcv":
+        prep = run_script(str(REPO / "launch/prepare_data.py"), "ffcv", "--root", str(root), "--out",
+                          str(tmp_path / "beton"), "--max-side", "32", "--workers", "1", "--skip-bad")
+        assert prep.returncode == 0, prep.stderr[-2000:]
+        assert all(path in prep.stdout for path in bad.values()), prep.stdout[-2000:]
+        data_root = tmp_path / "beton"
+    result = run_script(TRAIN, "--config", "cs_mixer_tiny", f"data.root={data_root}", f"data.backend={backend}",
+                        f"train.output_dir={tmp_path}", "train.run_name=bad", "train.epochs=1", "train.log_every=5",
+                        "schedule.warmup_epochs=0", "data.workers=1", "deepspeed.zero_stage=0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "val_top1=" in result.stdout
+    if backend == "ffcv":
+        return
+    assert "[data] WARNING 3 file(s) left out" in result.stdout
+    for name in ("truncated", "empty", "notimage"):
+        assert bad[name] in result.stdout
+    assert f"WARNING {bad['corrupt']}: cannot decode image" in out and "replaced by" in out
+    assert (tmp_path / "bad/bad_files.txt").read_text().count("\n") == 3
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run.data.metrics["data/bad_files"] == 3 and run.data.metrics["data/replaced_images"] >= 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/bad_files.txt", "data/first_batch.png"} <= artifacts

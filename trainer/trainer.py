@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data_pipeline import build_loaders
 from data_pipeline.sharding import epoch_end, resumed_epoch_end
-from models import count_params
+from models import count_params, model_info
 
 from .build import build_engine, build_loss, build_model, compile_enabled, compile_report
 from .checkpoint import Checkpointer, CheckpointError, check_complete, fp32_group_names, set_rng_state, to_universal
@@ -151,7 +151,8 @@ class WindowMeter:
             t.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                    "train/images_per_sec": ips, "train/epoch": state.epoch, "train/mfu": mfu,
                                    "train/step_ms": step_ms, "train/data_wait_pct": data_pct,
-                                   "train/skipped_steps": t.engine.skipped_steps}, state.step)
+                                   "train/skipped_steps": t.engine.skipped_steps,
+                                   "data/replaced_images": t.train_loader.decode_failures}, state.step)
         self.restart()
 
 
@@ -299,6 +300,8 @@ class Trainer:
             self.tracker = start_run_tracking(cfg, self.run_dir, env.world_size, self.state.tracking_run_id,
                                               self.state.restarts, self.state.step, self.log)
             self.state.tracking_run_id = self.tracker.run_id
+        self.report_bad_files()
+        self.first_batch_grid = self.tracker is not None and self.state.step == 0
         self.meter, self.evaluator, self.profiler = WindowMeter(self), Evaluator(self), StepProfiler(self)
         self.bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                         disable=not (env.is_main and sys.stderr.isatty()))
@@ -306,6 +309,33 @@ class Trainer:
     @property
     def finished(self) -> bool:
         return self.state.step >= self.total_steps
+
+    def log_batch_grid(self, images: torch.Tensor) -> None:
+        """Once, at the start of a run: what the model sees (the first batch, augmented and mixed) as
+        a PNG in MLflow (artifacts/data/first_batch.png); launch/preview_augment.py shows more."""
+        from data_pipeline.preview import grid_image
+
+        self.first_batch_grid = False
+        info = model_info(self.cfg.model.name)
+        path = self.run_dir / "first_batch.png"
+        grid_image(images[:32], info.mean, info.std).save(path)
+        self.tracker.log_artifact(path, "data")
+
+    def report_bad_files(self) -> None:
+        """Files the scan left out (an unverified tree: data_pipeline.folder.screen): named in the log,
+        listed in <run dir>/bad_files.txt and counted in MLflow (data/bad_files)."""
+        bad = self.train_loader.bad_files + self.val_loader.bad_files
+        if not bad or not self.env.is_main:
+            return
+        listing = self.run_dir / "bad_files.txt"
+        listing.write_text("".join(f"{path}\t{why}\n" for path, why in bad))
+        shown = "; ".join(f"{path} ({why})" for path, why in bad[:10])
+        self.log(f"[data] WARNING {len(bad)} file(s) left out, they would not decode: {shown}"
+                 f"{' ...' if len(bad) > 10 else ''} (all in {listing}; `python launch/prepare_data.py verify "
+                 f"--root {self.cfg.data.root} --skip-bad` checks every image once and writes the file lists)")
+        if self.tracker:
+            self.tracker.log_metrics({"data/bad_files": len(bad)}, self.state.step)
+            self.tracker.log_artifact(listing, "data")
 
     def batches(self):
         """Micro-batches from the RunState's position on, epoch after epoch, each with whether it ends an
@@ -323,6 +353,8 @@ class Trainer:
                     self.meter.data_s += time.perf_counter() - t0  # the step waits for its input
                     if batch is None:
                         break
+                    if self.first_batch_grid:
+                        self.log_batch_grid(batch[0])
                     i += 1
                     yield *batch, i % accum == 0
                 if state.epoch != epoch:
