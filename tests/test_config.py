@@ -222,4 +222,4 @@ def test_dry_run_prints_the_plan_for_the_slurm_world_size():
                         env={"SLURM_NTASKS": "16", "WORLD_SIZE": ""})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("[plan] cs_mixer_l: world size 16; batch 64/rank x accum 1 x 16 ranks = global 1024")
-    assert "lr 0.001" in result.stdout and "ZeRO stage 2; bf16; data dali at /data/imagenet" in result.stdout
+    assert "lr 0.001" in result.stdout and "ZeRO stage 2; bf16 autocast; data dali at /data/imagenet" in result.stdout

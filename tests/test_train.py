@@ -32,14 +32,15 @@ def test_two_process_training_learns_and_saves_the_run(tmp_path, digits_root):
     assert result.stdout.startswith("[plan] cs_mixer_tiny: world size 2; batch 64/rank x accum 1 x 2 ranks = global 128")
     # a quiet start: no accelerator notice, no FutureWarning, no op-builder chatter
     assert "Setting accelerator" not in result.stderr and "Warning" not in result.stderr, result.stderr[-2000:]
-    assert "ZeRO stage 2; bf16 on cpu" in result.stdout
+    assert "ZeRO stage 2; bf16 autocast on cpu" in result.stdout
     top1 = float(result.stdout.strip().splitlines()[-1].removeprefix("val_top1="))
     assert top1 > 80, result.stdout  # 4 epochs on digits: a model that learns gets well above chance (10 %)
     run = tmp_path / "two"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["global_batch"] == 128 and saved["optim"]["lr"] == 0.002
     ds = json.loads((run / "deepspeed_config.json").read_text())
-    assert ds["train_batch_size"] == 128 and ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    assert ds["train_batch_size"] == 128 and ds["zero_optimization"]["stage"] == 2 and not ds["bf16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # the default bf16_mode
     assert (run / "checkpoints/latest").read_text().strip() == "step_00000044"
 
 

@@ -26,7 +26,12 @@ def build_model(cfg: RunConfig, **overrides) -> nn.Module:
 def _clip_without_host_sync() -> None:
     """DeepSpeed's ZeRO-1/2 gradient clipping asks `if is_invalid_grad_norm(norm)` per parameter group:
     a host-device sync every step. The same clip, computed on the device: a non-finite or negative norm
-    counts as infinite (then the clip zeroes the step's update, as DeepSpeed's inf branch does)."""
+    counts as infinite (then the clip zeroes the step's update, as DeepSpeed's inf branch does).
+    With fp32 weights (bf16 autocast, fp32) its step() also asks is_invalid_grad_norm of the global
+    norm every step to skip the step: here it does not ask (as bf16 with check_grad_overflow=false);
+    a non-finite norm gives a zero update through the clip, and the trainer's non-finite loss check at
+    each log window rolls the run back."""
+    from deepspeed.runtime.zero import stage_1_and_2
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if getattr(DeepSpeedZeroOptimizer.unscale_and_clip_grads, "sync_free", False):
@@ -44,6 +49,7 @@ def _clip_without_host_sync() -> None:
             for g in grad if isinstance(grad, list) else [grad]:
                 g.data.mul_(1.0 / combined_scale)
 
+    stage_1_and_2.is_invalid_grad_norm = lambda norm: False  # only step() calls it once clipping is ours
     unscale_and_clip_grads.sync_free = True
     unscale_and_clip_grads.original = DeepSpeedZeroOptimizer.unscale_and_clip_grads
     DeepSpeedZeroOptimizer.unscale_and_clip_grads = unscale_and_clip_grads

@@ -122,6 +122,10 @@ class TrainConfig:
 class DeepSpeedConfig:
     zero_stage: int = knob(2, ge=0, le=3)
     bf16: bool = True
+    # autocast: fp32 weights, bf16 matmuls under torch.autocast (DeepSpeed's torch_autocast; timm's AMP),
+    # the closest to fp32 measured (README, Precision); weights: DeepSpeed's bf16 mode (bf16 weights,
+    # activations and norms; fp32 master weights in the optimizer), less memory
+    bf16_mode: Literal["autocast", "weights"] = "autocast"
     config: str | None = None   # a DeepSpeed JSON merged on top of the generated one
 
 
@@ -469,6 +473,8 @@ class RunPlan:
     def dtype(self) -> str:
         if self.ds_config.get("bf16", {}).get("enabled"):
             return "bf16"
+        if self.ds_config.get("torch_autocast", {}).get("enabled"):
+            return "bf16 autocast"
         return "fp16" if self.ds_config.get("fp16", {}).get("enabled") else "fp32"
 
 

@@ -44,12 +44,14 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, n_params: int | None = None
         "gradient_clipping": cfg.optim.clip_grad or 0.0,
         # bf16 needs no loss scale; DeepSpeed's per-step overflow check would sync the host every step,
         # and the trainer checks the loss for non-finite values at each log window (and rolls back)
-        "bf16": {"enabled": cfg.deepspeed.bf16, "check_grad_overflow": False},
+        "bf16": {"enabled": cfg.deepspeed.bf16 and cfg.deepspeed.bf16_mode == "weights", "check_grad_overflow": False},
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,  # our torch AdamW with its param groups
         "steps_per_print": 2 ** 31 - 1,         # the trainer logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
+    if cfg.deepspeed.bf16 and cfg.deepspeed.bf16_mode == "autocast":  # fp32 weights, grads and all-reduce
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if n_params and cfg.deepspeed.zero_stage > 0:
         zero = ds["zero_optimization"]
         zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = bucket_size(n_params, DEFAULT_BUCKET)

@@ -201,7 +201,7 @@ class Evaluator:
             if self.ema_model is None:
                 self.ema_model = build_model(t.cfg, drop_path=None).to(t.env.device).eval()
             self.ema_model.load_state_dict(t.ema.state_dict())
-            autocast = torch.autocast(t.env.device.type, dtype=torch.bfloat16) if t.dtype == torch.bfloat16 \
+            autocast = torch.autocast(t.env.device.type, dtype=torch.bfloat16) if t.bf16_compute \
                 else contextlib.nullcontext()
             with autocast:
                 self.ema_top1, ema_top5 = evaluate(self.ema_model, t.val_loader, t.env.device, torch.float32)
@@ -268,7 +268,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         universal = bool(resume) and resume[1]["engine"]["world_size"] != env.world_size and plan.zero_stage > 0
         self.engine = build_engine(plan, model, self.steps_per_epoch, self.total_steps, load_universal=universal)
-        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32  # of weights and inputs
+        self.bf16_compute = self.dtype == torch.bfloat16 or self.engine.torch_autocast_enabled()
         self.compiled = compile_enabled(cfg, env.device)
         self.ema = ModelEma(self.engine.module, cfg.train.model_ema_decay, cfg.train.model_ema_every) \
             if cfg.train.model_ema else None
@@ -277,7 +278,7 @@ class Trainer:
         if resume:
             self.restore(*resume)
             self.state.restarts += 1
-        self.peak, peak_source = peak_tflops(cfg.train.peak_tflops, env.device, self.dtype == torch.bfloat16)
+        self.peak, peak_source = peak_tflops(cfg.train.peak_tflops, env.device, self.bf16_compute)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
