@@ -174,7 +174,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         require("ffcv", "ffcv")
         from .ffcv_source import FfcvSource
         common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
-                      img_size=size, device=device, num_classes=cfg.model.num_classes)
+                      img_size=size, device=device, num_classes=cfg.model.num_classes, interpolation=d.interpolation)
         normalized = device.type == "cpu" and cfg.aug.auto_augment == "none"
         train_src = FfcvSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
                                normalize=(info.mean, info.std) if normalized else None, **common) if train else None

@@ -1,6 +1,7 @@
 """FFCV backend: reads the .beton files written by `launch/prepare_data.py ffcv`.
 
-FFCV decodes JPEG, random-resized-crops and flips in its compiled (numba) pipeline; the batches
+FFCV decodes JPEG, random-resized-crops (resized with Pillow's antialiased bicubic, ported to numba
+in data_pipeline/ffcv_resize.py) and flips in its compiled pipeline; the batches
 come out as uint8 NCHW on the training device and go through the shared on-device stage
 (RandAugment/AutoAugment, normalisation, erasing, Mixup/CutMix), since FFCV has no RandAugment.
 On a CPU without auto-augmentation FFCV normalises itself, in its parallel compiled code.
@@ -49,16 +50,20 @@ class FfcvSource:
     def __init__(self, root: str, split: str, rank: int, world_size: int, batch_size: int, train: bool,
                  workers: int, seed: int, img_size: int, device: torch.device, num_classes: int, *,
                  scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
-                 normalize: tuple | None = None) -> None:
+                 normalize: tuple | None = None, interpolation: str = "bicubic") -> None:
         """normalize=(mean, std): normalise inside FFCV's compiled pipeline and emit floats (the fast
-        path on a CPU when nothing needs the uint8 batch); None: emit uint8 for the device stage."""
+        path on a CPU when nothing needs the uint8 batch); None: emit uint8 for the device stage.
+        Crops are resized as Pillow does (data_pipeline/ffcv_resize.py), not with FFCV's INTER_AREA."""
         with torch_threads_kept():
-            from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+            from ffcv.fields.decoders import IntDecoder
             from ffcv.loader import Loader, OrderOption
             from ffcv.reader import Reader
             from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
+        from .ffcv_resize import pillow_resize_decoders
         from .sharding import train_shard, val_shard
+
+        train_decoder, val_decoder = pillow_resize_decoders()
 
         path = beton_path(root, split)
         if not path.is_file():
@@ -70,12 +75,14 @@ class FfcvSource:
         if n and int(labels.max()) >= num_classes:
             raise DataError(f"{path} has labels up to {int(labels.max())} but model.num_classes={num_classes}")
         if train:
-            decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(scale), ratio=tuple(ratio))
+            decoder = train_decoder((img_size, img_size), scale=tuple(scale), ratio=tuple(ratio))
             image_ops = [decoder] + ([RandomHorizontalFlip(hflip)] if hflip else [])
             order_fn = lambda epoch, start, end: train_shard(n, rank, world_size, batch_size, seed, epoch, start, end)
         else:
-            image_ops = [CenterCropRGBImageDecoder((img_size, img_size), ratio=crop_pct)]
+            decoder = val_decoder((img_size, img_size), ratio=crop_pct)
+            image_ops = [decoder]
             order_fn = lambda epoch, start, end: val_shard(n, rank, world_size)
+        decoder.bicubic = interpolation == "bicubic"
         if normalize:  # before ToTensor: the order that does not hang on CPU (FFCV issues #350/#396)
             mean, std = (np.array(v, dtype=np.float32) * 255 for v in normalize)
             image_ops.append(NormalizeImage(mean, std, np.float32))

@@ -3,8 +3,8 @@
     python launch/bench_data.py                      # generates 2,000 JPEGs of 500x375 in a temp dir
     python launch/bench_data.py --root /data/imagenet-subset --workers 8 --json
 
-Work per image, for every row: decode, RandomResizedCrop to 224 (antialiased bicubic; FFCV: its
-area resize), flip, normalise; with --auto-augment also that policy (the shared device stage, as in
+Work per image, for every row: decode, RandomResizedCrop to 224 (antialiased bicubic, Pillow's
+algorithm on every row), flip, normalise; with --auto-augment also that policy (the shared device stage, as in
 training). No Mixup or erasing: the same device stage for all backends. Rows: our
 loaders (folder, ffcv at max side 256 and at FFCV's ImageNet default 500, dali) and the bare
 library loops doing the same work (FFCV Loader; DALI pipeline + iterator + device stage), with images/s and the
@@ -55,13 +55,17 @@ def our_loader(root: Path, backend: str, batch: int, workers: int, size: int, cl
 
 
 def bare_ffcv(beton: Path, batch: int, workers: int, size: int):
-    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
+
+    from data_pipeline.ffcv_resize import pillow_resize_decoders
+
+    rrc_decoder, _ = pillow_resize_decoders()  # the resize our loader uses (FFCV's own: INTER_AREA)
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
     loader = Loader(str(beton), batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, drop_last=True,
                     os_cache=True, pipelines={
-                        "image": [RandomResizedCropRGBImageDecoder((size, size)), RandomHorizontalFlip(),
+                        "image": [rrc_decoder((size, size)), RandomHorizontalFlip(),
                                   NormalizeImage(MEAN, STD, np.float32), ToTensor(), ToTorchImage()],
                         "label": [IntDecoder(), ToTensor(), Squeeze()]})
     return lambda: iter(loader)

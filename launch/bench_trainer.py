@@ -37,9 +37,11 @@ PAPER_BYTES_PER_PARAM = {0: lambda n: 16.0, 1: lambda n: 4 + 12 / n, 2: lambda n
 
 
 def ds_engine(model, stage: int, bf16: bool, batch: int, world: int, ds_json: str | None = None):
-    """The engine exactly as the trainer builds it (trainer/build.py)."""
+    """The engine exactly as the trainer builds it (trainer/build.py); bf16 as DeepSpeed's bf16 mode
+    (bf16 weights, fp32 master copy in the optimizer): the mixed precision of the ZeRO paper's accounting."""
     cfg = load_config(CONFIG_DIR / "cs_mixer.yaml", [f"deepspeed.config={ds_json or 'null'}",
-        f"deepspeed.zero_stage={stage}", f"deepspeed.bf16={str(bf16).lower()}", f"train.batch_size={batch}",
+        f"deepspeed.zero_stage={stage}", f"deepspeed.bf16={str(bf16).lower()}", "deepspeed.bf16_mode=weights",
+        f"train.batch_size={batch}",
         "train.grad_accum=1", "train.global_batch=null", "optim.clip_grad=null", "data.backend=synthetic",
         "schedule.min_lr=0"])
     return build_engine(plan_run(cfg, world, count_params(model)), model)

@@ -8,6 +8,8 @@
 2. The trainer on that device: ZeRO-2, synthetic data, compile on, steps with evaluation, a
    checkpoint, a resume; then an export whose logits are compared with the engine's.
 3. The trainer's steady-state images/s as a share of the compiled forward+backward figure.
+4. The shared augmentation stage on the device (RandAugment m9 n2, erasing, Mixup/CutMix; what
+   every backend, DALI included, runs per batch): images/s at batch 128, 224 px.
 Writes OUTDIR/gpu_check.json and each step's log; prints a summary. A failed part is recorded in the
 JSON with its error, and the other parts still run.
 """
@@ -50,7 +52,9 @@ x = torch.randn(8, 3, cfg.model.img_size, cfg.model.img_size, generator=torch.Ge
 with torch.no_grad():
     ours = engine(x.to(env.device, dtype)).float().cpu()
     exported = create_model(cfg.model.name, checkpoint_path=sys.argv[2]).to(env.device, dtype).eval()
-    theirs = exported(x.to(env.device, dtype)).float().cpu()
+    # the engine's precision: DeepSpeed's torch_autocast (the default bf16_mode) or bf16 weights
+    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=engine.torch_autocast_enabled()):
+        theirs = exported(x.to(env.device, dtype)).float().cpu()
 print("PARITY " + json.dumps({"max_abs_diff": (ours - theirs).abs().max().item(), "bit_identical": torch.equal(ours, theirs)}))
 shutdown()
 """
@@ -83,6 +87,29 @@ def model_rows(names: list[str], batch: int, steps: int, warmup: int, bf16: bool
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return [dict(r, matmul_peak_tflops=round(peak, 3)) for r in rows]
+
+
+def augment_row(batch: int, size: int, device, batches: int = 20) -> dict:
+    """The device stage's throughput on uint8 batches (random pixels: the ops' cost does not depend on them)."""
+    import torch
+
+    from data_pipeline.augment import DeviceAugment
+
+    stage = DeviceAugment(auto_augment="rand-m9-mstd0.5-inc1", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          num_classes=1000, device=device)
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    for i in range(3):  # warm-up
+        stage(x, y, seed=i)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(batches):
+        stage(x, y, seed=100 + i)
+    sync()
+    dt = time.perf_counter() - t0
+    return {"spec": "rand-m9-mstd0.5-inc1 + reprob 0.25 + mixup/cutmix", "batch": batch, "img_size": size,
+            "images_per_s": round(batch * batches / dt, 1), "ms_per_batch": round(1000 * dt / batches, 2)}
 
 
 def run(cmd: list[str], log: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -152,6 +179,10 @@ def main() -> int:
     except Exception:  # noqa: BLE001
         report["models_error"] = traceback.format_exc()[-3000:]
     report["models_s"] = round(time.time() - t0)
+    try:
+        report["augment"] = augment_row(128 if gpu else 16, 224 if gpu else 64, device)
+    except Exception:  # noqa: BLE001
+        report["augment"] = {"error": traceback.format_exc()[-3000:]}
     t0 = time.time()
     model, batch, steps = ("cs_mixer_l", 128, 300) if gpu else ("cs_mixer_tiny", 16, 8)
     try:

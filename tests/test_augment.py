@@ -451,3 +451,21 @@ def test_gpu_stage_matches_cpu_without_syncs():
         assert torch.allclose(target.cpu(), cpu_t, atol=1e-6)
         close = (out.cpu() - cpu_out).abs() <= 1.5 / 255 / min(STD)  # a grey level or so
         assert close.float().mean() > 0.99
+
+
+@pytest.mark.parametrize("box, size, bicubic", [((10, 5, 190, 140), (32, 32), True), ((0, 0, 200, 150), (224, 224), True),
+                                                ((33, 20, 120, 77), (16, 16), False), ((0, 0, 200, 150), (64, 48), True)])
+def test_ffcv_resize_is_pillows(box, size, bicubic):
+    """data_pipeline/ffcv_resize.py (FFCV's decoders) against Pillow's resize with a box: down and up,
+    bicubic and bilinear; measured max 1 level off, on < 0.1 % of the values."""
+    from data_pipeline.ffcv_resize import resize_box_compiled
+
+    base = torch.randint(0, 256, (1, 3, 75, 100), generator=gen(3), dtype=torch.uint8)
+    src = np.asarray(to_pil(base[0]).resize((200, 150), Image.BILINEAR))
+    out = np.zeros((size[1], size[0], 3), np.uint8)
+    left, top, right, bottom = box
+    resize_box_compiled(src, top, bottom, left, right, out, bicubic)
+    ref = np.asarray(Image.fromarray(src).resize(size, Image.BICUBIC if bicubic else Image.BILINEAR, box=box))
+    diff = np.abs(out.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001, (diff.max(), (diff > 0).mean())
+

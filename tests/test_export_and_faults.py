@@ -33,7 +33,7 @@ engine.load_checkpoint(str(tag.parent), tag=tag.name)
 engine.eval()
 x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
-    logits = engine(x.to(torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32))
+    logits = engine(x.to(torch.bfloat16 if engine.bfloat16_enabled() else torch.float32))
 if env.rank == 0:
     torch.save({"x": x, "logits": logits}, sys.argv[2])
 shutdown()
@@ -43,10 +43,11 @@ shutdown()
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, bf16", [(0, True), (3, False)])
 def test_export_loads_with_create_model_and_gives_the_engines_logits(tmp_path, digits_root, stage, bf16):
-    """ZeRO-0 bf16 reads the fp32 master copy from the optimizer; ZeRO-3 gathers the partitions."""
+    """ZeRO-0 in DeepSpeed's bf16 mode (bf16_mode=weights) reads the fp32 master copy from the
+    optimizer; ZeRO-3 gathers the partitions."""
     run = run_script(TRAIN, "--config", "s2mlpv2_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
                      "train.run_name=r", "train.max_steps=4", f"deepspeed.zero_stage={stage}",
-                     f"deepspeed.bf16={str(bf16).lower()}", nproc=2, cwd=tmp_path)
+                     f"deepspeed.bf16={str(bf16).lower()}", "deepspeed.bf16_mode=weights", nproc=2, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     dtype = "bf16" if bf16 else "fp32"
     out = tmp_path / f"m.{dtype}.safetensors"

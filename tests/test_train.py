@@ -244,6 +244,7 @@ def test_gpu_check_dry_mode_writes_its_json(tmp_path):
     assert t["first_rc"] == 0 and t["resume_rc"] == 0 and t["resumed"], t
     assert t["export_parity"]["max_abs_diff"] == 0.0 and t["steady_images_per_s"] > 0
     assert "0 graph break(s)" in t["compile_report"]
+    assert report["augment"]["images_per_s"] > 0, report["augment"]
 
 
 def add_bad_files(root: Path) -> dict[str, str]:

@@ -368,9 +368,10 @@ def test_no_host_sync_between_log_windows(tmp_path):
     assert per_step[4]  # the log window does sync (the counter sees it)
 
 
-def test_sync_free_clipping_equals_deepspeeds():
+def test_sync_free_clipping_equals_deepspeeds(monkeypatch):
     from types import SimpleNamespace
 
+    from deepspeed.runtime.zero import stage_1_and_2
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     from trainer.build import _clip_without_host_sync
@@ -378,6 +379,8 @@ def test_sync_free_clipping_equals_deepspeeds():
     _clip_without_host_sync()
     ours = DeepSpeedZeroOptimizer.unscale_and_clip_grads
     theirs = ours.original
+    # DeepSpeed's own clip, with its own (host-syncing) validity check
+    monkeypatch.setattr(stage_1_and_2, "is_invalid_grad_norm", stage_1_and_2.is_invalid_grad_norm.original)
     for norm, clip in ((torch.tensor(12.5), 1.0), (torch.tensor(0.3), 1.0), (torch.tensor(float("nan")), 1.0),
                        (torch.tensor(-1.0), 2.0), (torch.tensor(7.0), 5.0)):
         opt = SimpleNamespace(clip_grad=clip, loss_scale=1.0, device="cpu")

@@ -49,7 +49,11 @@ def _clip_without_host_sync() -> None:
             for g in grad if isinstance(grad, list) else [grad]:
                 g.data.mul_(1.0 / combined_scale)
 
-    stage_1_and_2.is_invalid_grad_norm = lambda norm: False  # only step() calls it once clipping is ours
+    def never_invalid(norm) -> bool:  # only step() calls it once the clipping is ours
+        return False
+
+    never_invalid.original = stage_1_and_2.is_invalid_grad_norm
+    stage_1_and_2.is_invalid_grad_norm = never_invalid
     unscale_and_clip_grads.sync_free = True
     unscale_and_clip_grads.original = DeepSpeedZeroOptimizer.unscale_and_clip_grads
     DeepSpeedZeroOptimizer.unscale_and_clip_grads = unscale_and_clip_grads
