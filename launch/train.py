@@ -4,8 +4,10 @@ Runs the same under `deepspeed --num_gpus N`, `torchrun --nproc_per_node N`, `sr
 SLURM variables) and as one plain process. `--print-config` prints the resolved config, `--dry-run`
 the run's plan (world size, batches, lr, ZeRO stage), and both exit without creating anything.
 Every rule is checked on the merged config (YAML, overrides, the DeepSpeed JSON) before a rank starts.
-Exit codes: 0 done, 2 bad input, 3 non-finite loss after train.max_rollbacks reloads, 85 stopped
-by a signal after writing a checkpoint (requeue and run the same command to resume).
+Exit codes: 0 done, 2 bad input, 3 non-finite loss after train.max_rollbacks reloads, 4 the
+replicated weights differ between ranks (silent corruption; not saved), 85 stopped by a signal after
+writing a checkpoint, 86 a rank hung (trainer/watchdog.py): for both, requeue and run the same
+command to resume.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline import DataError  # heavy imports only when training
     from trainer.checkpoint import CheckpointError
     from trainer.distributed import shutdown
-    from trainer.trainer import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLoss, train
+    from trainer.trainer import EXIT_CORRUPT, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLoss, ReplicaMismatch, train
     try:
         result = train(cfg)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except ReplicaMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CORRUPT
     shutdown()
     if result.preempted:
         return EXIT_PREEMPTED

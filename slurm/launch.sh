@@ -20,6 +20,7 @@ shift
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 EXIT_PREEMPTED=85                # launch/train.py: checkpoint written after a stop signal
+EXIT_HUNG=86                     # trainer/watchdog.py: no step within train.hang_timeout_s; stacks in RUN_DIR/hang
 SIGUSR2_DEATH=$((128 + 12))      # a rank killed by SIGUSR2 before its handler was installed
 LAUNCH_LOG=""
 
@@ -165,10 +166,20 @@ if [[ $rc -eq 0 ]]; then
   log "done: $(grep -a '^val_top1=' "$RUN_DIR/logs/rank0.log" | tail -n 1)"
   exit 0
 fi
+# Rank 0 writes RUN_DIR/FINISHED when the last step, evaluation and export are done: a signal or a
+# rank dying in teardown after that must not requeue a finished run.
+if [[ -f "$RUN_DIR/FINISHED" ]]; then
+  log "the run had finished ($(cat "$RUN_DIR/FINISHED")); srun exited $rc in teardown: not requeueing"
+  exit 0
+fi
+if [[ $rc -eq $EXIT_HUNG ]]; then
+  log "a rank hung (no optimizer step within its timeout; every rank's stacks in $RUN_DIR/hang/): requeueing like a preemption"
+  rc=$EXIT_PREEMPTED
+fi
 # A rank killed by SIGUSR2 itself was still starting (no handler yet): nothing lost since the last
 # checkpoint, so that counts as stopped too.
 if [[ $rc -ne $EXIT_PREEMPTED && ! ($rc -eq $SIGUSR2_DEATH && $STOP_SIGNAL == USR2) ]]; then
-  log "the trainer failed (exit $rc; 2 bad input, 3 non-finite loss): not requeueing; see $RUN_DIR/logs/"
+  log "the trainer failed (exit $rc; 2 bad input, 3 non-finite loss, 4 replicas differ): not requeueing; see $RUN_DIR/logs/"
   exit "$rc"
 fi
 # From here on the ranks stopped on our signal; their last complete checkpoint is what a rerun resumes.

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import random
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from .evaluate import evaluate
 from .mfu import mfu_pct, peak_tflops, train_flops_per_image
 from .state import RunState
 from .tracking import Tracker, run_id_of, start_run_tracking
+from .watchdog import HangWatchdog
 
 EXIT_PREEMPTED = 85   # checkpointed after a stop signal: requeue me
 EXIT_NONFINITE = 3    # the loss stayed NaN/inf after train.max_rollbacks reloads
@@ -58,6 +61,13 @@ class TrainResult:
     # steady-state training speed: images/s over the log windows after the run's first (which holds
     # start-up: loader workers, FFCV's compile, DALI's build); None with fewer than two windows
     images_per_sec: float | None = None
+
+
+class ReplicaMismatch(RuntimeError):
+    """The data-parallel copies of the weights differ between ranks (exit EXIT_CORRUPT, no requeue)."""
+
+
+EXIT_CORRUPT = 4
 
 
 class StopRequest:
@@ -85,7 +95,9 @@ class WindowMeter:
     def __init__(self, trainer: Trainer) -> None:
         self.t, dev = trainer, trainer.env.device
         self.every = trainer.cfg.train.log_every
-        self.sums = torch.zeros(3, device=dev)  # loss sum, non-finite flag, stop flag
+        # loss sum, non-finite flag, stop flag, then each rank's seconds per step outside collectives
+        self.sums = torch.zeros(3 + trainer.env.world_size, device=dev)
+        self.busy_s, self.forward_t0 = 0.0, 0.0
         self.one = torch.ones((), device=dev)
         self.micro, self.steps, self.data_s = 0, 0, 0.0
         self.t0, self.paused_s, self.windows = time.perf_counter(), 0.0, 0
@@ -101,16 +113,22 @@ class WindowMeter:
         self.sums[1] = torch.maximum(self.sums[1], (~torch.isfinite(loss)).float())
         self.micro += 1
 
+    def forward_done(self) -> None:
+        """The forward pass of a micro-batch ended (it began when its batch was handed over)."""
+        self.busy_s += time.perf_counter() - self.forward_t0
+
     @contextlib.contextmanager
     def paused(self):
-        """Evaluation and checkpoints are not training time."""
+        """Evaluation and checkpoints are not training time, nor steps the hang watchdog waits for."""
         t0 = time.perf_counter()
-        yield
+        with self.t.watchdog.paused():
+            yield
         self.paused_s += time.perf_counter() - t0
 
     def restart(self) -> None:
         self.sums.zero_()
         self.micro, self.steps, self.paused_s, self.data_s, self.t0 = 0, 0, 0.0, 0.0, time.perf_counter()
+        self.busy_s = 0.0
         self.checked = (self.t.state.epoch, self.t.state.epoch_sample, self.t.state.step)
 
     def check(self, log: bool) -> tuple[bool, bool]:
@@ -123,14 +141,34 @@ class WindowMeter:
             dist.all_reduce(flags, op=dist.ReduceOp.SUM)
             bad, stop = flags.tolist()
         else:
+            self.sums[3 + t.env.rank] = (self.data_s + self.busy_s) / max(1, self.steps)
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
-            loss_sum, bad, stop = self.sums.tolist()
+            loss_sum, bad, stop, *rank_step_s = self.sums.tolist()
+            self.stragglers(rank_step_s)
         if bad:
             return False, bool(stop)
         self.checked = (state.epoch, state.epoch_sample, state.step)
         if log:
             self._log(loss_sum / t.env.world_size / self.micro)
         return True, bool(stop)
+
+    def stragglers(self, rank_step_s: list[float]) -> None:
+        """Ranks whose own time per step (input wait + forward, outside collectives) is more than
+        train.straggler_factor x the median: logged with their host, and in MLflow."""
+        t = self.t
+        median = sorted(rank_step_s)[(len(rank_step_s) - 1) // 2]  # the lower median: with 2 ranks, the faster
+        if median <= 0 or len(rank_step_s) < 2:
+            return
+        slow = {r: v / median for r, v in enumerate(rank_step_s) if v > t.cfg.train.straggler_factor * median}
+        for r, ratio in slow.items():
+            t.log(f"[straggler] rank {r} on {t.hosts[r]}: {1000 * rank_step_s[r]:.0f} ms/step of its own work, "
+                  f"{ratio:.1f}x the median {1000 * median:.0f} ms (step {t.state.step})")
+        if t.tracker:
+            t.tracker.log_metrics({"train/straggler_ratio_max": max(v / median for v in rank_step_s),
+                                   "train/stragglers": len(slow)}, t.state.step)
+            if slow:
+                t.tracker.set_tags({f"straggler_rank{r}": f"{t.hosts[r]} {ratio:.1f}x median at step {t.state.step}"
+                                    for r, ratio in slow.items()})
 
     def _log(self, loss: float) -> None:
         t, state = self.t, self.t.state
@@ -139,8 +177,10 @@ class WindowMeter:
         ips = images / dt
         if self.windows:
             self.steady_images, self.steady_s = self.steady_images + images, self.steady_s + dt
-        elif t.compiled:  # once, after the first steps compiled the model
-            t.log(f"[compile] {t.cfg.train.compile_backend}: {compile_report()}")
+        else:
+            t.watchdog.measured(dt / self.steps)  # the hang timeout from the first window's step time
+            if t.compiled:  # once, after the first steps compiled the model
+                t.log(f"[compile] {t.cfg.train.compile_backend}: {compile_report()}")
         self.windows += 1
         lr, grad_norm = t.engine.lr_scheduler.get_last_lr()[0], float(t.engine.get_global_grad_norm() or 0)
         mfu = mfu_pct(ips, t.flops_per_image, t.peak, t.env.world_size)
@@ -302,6 +342,14 @@ class Trainer:
                                               self.state.restarts, self.state.step, self.log)
             self.state.tracking_run_id = self.tracker.run_id
         self.report_bad_files()
+        self.hosts: list[str] = [""] * env.world_size
+        dist.all_gather_object(self.hosts, socket.gethostname())
+        self.watchdog = HangWatchdog(cfg.train.hang_timeout_s, self.run_dir, env.rank,
+                                     self.record_hang if self.tracker else None)
+        slow = os.environ.get("TRAIN_TEST_SLOW_RANK", "")  # "RANK:SECONDS": that rank waits per batch
+        self.test_slow_s = float(slow.split(":")[1]) if slow and int(slow.split(":")[0]) == env.rank else 0.0
+        perturb = os.environ.get("TRAIN_TEST_PERTURB_AT_STEP")  # "STEP:RANK": that rank's weights change
+        self.test_perturb = tuple(int(v) for v in perturb.split(":")) if perturb else None
         self.first_batch_grid = self.tracker is not None and self.state.step == 0
         self.meter, self.evaluator, self.profiler = WindowMeter(self), Evaluator(self), StepProfiler(self)
         self.bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
@@ -310,6 +358,13 @@ class Trainer:
     @property
     def finished(self) -> bool:
         return self.state.step >= self.total_steps
+
+    def record_hang(self, what: str, stacks: Path) -> None:
+        """Rank 0's hang report to MLflow (from the watchdog thread; the main thread is stuck)."""
+        self.tracker.set_tags({"hang": what})
+        self.tracker.log_metrics({"train/hang_after_step": self.state.step}, self.state.step)
+        self.tracker.log_artifact(stacks, "hang")
+        self.tracker.finish("FAILED", timeout=20)
 
     def log_batch_grid(self, images: torch.Tensor) -> None:
         """Once, at the start of a run: what the model sees (the first batch, augmented and mixed) as
@@ -351,7 +406,10 @@ class Trainer:
                 while True:
                     t0 = time.perf_counter()
                     batch = next(batches, None)
-                    self.meter.data_s += time.perf_counter() - t0  # the step waits for its input
+                    if self.test_slow_s:
+                        time.sleep(self.test_slow_s)  # test-only: a slow rank
+                    self.meter.forward_t0 = time.perf_counter()
+                    self.meter.data_s += self.meter.forward_t0 - t0  # the step waits for its input
                     if batch is None:
                         break
                     if self.first_batch_grid:
@@ -367,12 +425,14 @@ class Trainer:
         while not self.finished:
             for images, targets, step_done in self.batches():
                 loss = self.loss_fn(engine(images.to(self.dtype)), targets)
+                self.meter.forward_done()
                 engine.backward(loss)
                 engine.step()
                 self.meter.add(loss.detach())
                 if not step_done:
                     continue
                 state.advance(self.step_samples)
+                self.watchdog.beat(state.step)
                 self.meter.steps += 1
                 if self.ema is not None:
                     self.ema.update(state.step)
@@ -401,8 +461,34 @@ class Trainer:
                     break
         return self.finish()
 
+    def check_replicas(self) -> None:
+        """Silent corruption: the data-parallel copies of the weights (ZeRO 0-2 replicate them) must be
+        bit-identical on every rank. A float64 checksum per rank, all-gathered; ranks that differ from
+        the majority (all of them on a tie) stop the run before it is saved, named with their hosts."""
+        if self.engine.zero_optimization_stage() >= 3:  # partitioned weights: nothing replicated to compare
+            return
+        params = [p.detach() for p in self.engine.module.parameters()]
+        if self.test_perturb == (self.state.step, self.env.rank):  # test-only: one rank's weights change
+            with torch.no_grad():
+                params[0].view(-1)[0] += 1e-2
+        sums = torch.stack([p.double().sum() for p in params])
+        mine = torch.stack([sums.sum(), (sums * torch.arange(1, len(sums) + 1, device=sums.device)).sum()])
+        every = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
+        dist.all_gather(every, mine)
+        values = [tuple(v.tolist()) for v in every]
+        if len(set(values)) == 1:
+            return
+        majority = max(set(values), key=values.count)
+        odd = [r for r, v in enumerate(values) if v != majority or values.count(majority) * 2 <= len(values)]
+        named = ", ".join(f"rank {r} on {self.hosts[r]}" for r in odd)
+        raise ReplicaMismatch(f"step {self.state.step}: the replicated weights differ between ranks ({named} "
+                              f"disagree with the others): silent data corruption on a device or node; not "
+                              f"saving. Exclude those nodes and resume from the last checkpoint "
+                              f"({self.checkpointer.latest() or 'none'}).")
+
     def save(self, epoch_end: bool = False) -> Path:
         engine = self.engine
+        self.check_replicas()
         meta = dict(model=self.cfg.model.name, state=self.state.state_dict(),
                     engine=dict(zero_stage=engine.zero_optimization_stage(), dtype=self.plan.dtype,
                                 world_size=self.env.world_size),
@@ -464,6 +550,9 @@ class Trainer:
         self.meter.restart()
 
     def finish(self, preempted: bool = False) -> TrainResult:
+        self.watchdog.stop()
+        if not preempted:  # a stop signal from here on (export, teardown) must not make a finished run look stopped
+            self.stopper.done()
         self.bar.close()
         m, e = self.meter, self.evaluator
         return TrainResult(step=self.state.step, top1=e.top1, top5=e.top5, ema_top1=e.ema_top1, preempted=preempted,
@@ -491,4 +580,6 @@ def train(cfg: RunConfig) -> TrainResult:
             for weights_ema in ([False, True] if trainer.ema else [False]):
                 trainer.tracker.log_artifact(export(last, ema=weights_ema), "model")
         trainer.tracker.finish("KILLED" if result.preempted else "FINISHED")
+    if trainer.env.is_main and not result.preempted:  # slurm/launch.sh never requeues a finished run
+        (trainer.run_dir / "FINISHED").write_text(f"step {result.step} val_top1 {result.top1}\n")
     return result

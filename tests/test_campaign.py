@@ -1,0 +1,68 @@
+"""A training campaign's faults on real 2-process runs: a hung rank (stack dump, exit 86), a
+straggler named with its host, replicated weights that differ between ranks (silent corruption),
+and the FINISHED marker that keeps slurm/launch.sh from requeueing a finished run."""
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import pytest
+
+from conftest import REPO, run_script
+
+TRAIN = str(REPO / "launch/train.py")
+
+
+def run(tmp_path, digits_root, *overrides, env=None):
+    return run_script(TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
+                      "train.run_name=c", "data.workers=1", "deepspeed.zero_stage=1", *overrides, nproc=2,
+                      cwd=tmp_path, env=env)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_dumps_every_stack_and_exits_86_and_a_straggler_is_named(tmp_path, digits_root):
+    """Rank 1 waits 0.3 s per batch (a straggler), then blocks for good after step 6; rank 0 blocks in
+    the next collective. With train.hang_timeout_s=5 both watchdogs write their stacks and exit 86
+    (slurm/launch.sh requeues that like a preemption); rank 0 marks the MLflow run."""
+    t0 = time.time()
+    result = run(tmp_path, digits_root, "train.max_steps=40", "train.log_every=2", "train.hang_timeout_s=5",
+                 env={"TRAIN_TEST_SLOW_RANK": "1:0.3", "TRAIN_TEST_HANG_AT_STEP": "6:1"})
+    elapsed = time.time() - t0
+    assert result.returncode != 0 and "exitcode  : 86" in result.stderr, result.stderr[-3000:]
+    host = socket.gethostname()
+    assert re.search(rf"\[straggler\] rank 1 on {host}: \d+ ms/step of its own work, [0-9.]+x the median",
+                     result.stdout), result.stdout[-2000:]
+    for rank in (0, 1):
+        assert f"[hang] rank {rank} on {host}: no optimizer step for" in result.stderr
+        stacks = (tmp_path / f"c/hang/rank{rank}.txt").read_text()
+        assert "after step 6" in stacks and "most recent call first" in stacks
+    assert "in beat" in (tmp_path / "c/hang/rank1.txt").read_text()  # where the test made it stop
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    r = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert r.info.status == "FAILED" and "no optimizer step" in r.data.tags["hang"]
+    assert r.data.metrics["train/stragglers"] >= 1 and r.data.metrics["train/straggler_ratio_max"] > 1.5
+    print(f"hung after step 6; the job ended {elapsed:.0f} s after it started (timeout 5 s)")
+
+
+@pytest.mark.slow
+def test_replicated_weights_that_differ_stop_the_run_before_saving(tmp_path, digits_root):
+    result = run(tmp_path, digits_root, "train.max_steps=8", "train.log_every=2", "checkpoint.every_steps=2",
+                 "tracking.enabled=false", env={"TRAIN_TEST_PERTURB_AT_STEP": "4:1"})
+    assert result.returncode != 0 and "exitcode  : 4" in result.stderr, result.stderr[-3000:]
+    assert "step 4: the replicated weights differ between ranks" in result.stderr
+    assert f"rank 0 on {socket.gethostname()}" in result.stderr and "rank 1 on" in result.stderr  # a tie: both named
+    ckpts = sorted(p.name for p in (tmp_path / "c/checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000002"]  # the corrupt state was not saved
+    assert not (tmp_path / "c/FINISHED").exists()
+
+
+def test_a_finished_run_is_marked_so_it_is_never_requeued(tmp_path, digits_root):
+    result = run_script(TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
+                        "train.run_name=f", "train.max_steps=2", "tracking.enabled=false", "data.workers=0",
+                        "deepspeed.zero_stage=0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "f/FINISHED").read_text().startswith("step 2 val_top1 ")
+    launcher = (REPO / "slurm/launch.sh").read_text()
+    assert 'if [[ -f "$RUN_DIR/FINISHED" ]]' in launcher and "EXIT_HUNG=86" in launcher
