@@ -21,7 +21,7 @@ from .errors import DataError
 from .prepare import write_digits
 from .sharding import batch_seed
 
-__all__ = ["DataError", "Loader", "build_loaders", "write_digits"]
+__all__ = ["DataError", "Loader", "build_loaders", "dataset_input", "write_digits"]
 
 
 INSTALL_HINTS = {
@@ -194,3 +194,32 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
             train_loader.bad_files = bad["train"]
         val_loader.bad_files = bad["val"]
     return train_loader, val_loader
+
+
+def dataset_input(cfg, train: Loader, val: Loader) -> tuple[str, str, str, dict]:
+    """(name, source, digest, profile) of the run's data for MLflow's dataset input: the digest is a
+    sha256 of the file lists with labels (FFCV: of the .beton files' sizes and times)."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for loader in (train, val):
+        src = loader.source
+        if hasattr(src, "dataset"):  # folder
+            items = (f"{p} {label}" for p, label in src.dataset.samples)
+        elif hasattr(src, "files"):  # dali
+            items = (f"{p} {label}" for p, label in zip(src.files, src.labels.tolist()))
+        else:  # ffcv, synthetic
+            items = [f"{cfg.data.backend} {cfg.data.root} {loader.num_samples}"]
+            for split in ("train", "val"):
+                path = Path(cfg.data.root or "") / f"{split}.beton"
+                if path.is_file():
+                    stat = path.stat()
+                    items.append(f"{path} {stat.st_size} {int(stat.st_mtime)}")
+        for item in items:
+            digest.update(item.encode() + b"\n")
+    root = cfg.data.root or cfg.data.backend
+    profile = {"backend": cfg.data.backend, "train_samples": train.num_samples, "val_samples": val.num_samples,
+               "classes": cfg.model.num_classes, "left_out_files": len(train.bad_files) + len(val.bad_files)}
+    return Path(str(root)).name or str(root), str(root), digest.hexdigest()[:16], profile
+

@@ -66,3 +66,41 @@ def test_a_finished_run_is_marked_so_it_is_never_requeued(tmp_path, digits_root)
     assert (tmp_path / "f/FINISHED").read_text().startswith("step 2 val_top1 ")
     launcher = (REPO / "slurm/launch.sh").read_text()
     assert 'if [[ -f "$RUN_DIR/FINISHED" ]]' in launcher and "EXIT_HUNG=86" in launcher
+
+
+@pytest.mark.slow
+def test_mlflow_campaign_view_dataset_registry_off_track_and_compare(tmp_path, digits_root):
+    """Two runs of one recipe in one local store: a good one (registered in the Model Registry) and a
+    deliberately bad one (lr x100), which is flagged off-track against the good one at the same
+    epoch; both carry their dataset input; compare.py plots them into one PNG logged to the first."""
+    from mlflow.tracking import MlflowClient
+
+    common = ["--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
+              "train.epochs=2", "schedule.warmup_epochs=0", "data.workers=0", "deepspeed.zero_stage=0",
+              "train.log_every=5", "tracking.system_metrics=false"]
+    good = run_script(TRAIN, *common, "train.run_name=good", "tracking.register_model=digits-tiny", cwd=tmp_path)
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert "[tracking] registered digits-tiny version 1 (model/cs_mixer_tiny-step_00000044.safetensors)" in good.stdout
+    bad = run_script(TRAIN, *common, "train.run_name=bad", "optim.lr=0.2", cwd=tmp_path)
+    assert bad.returncode == 0, bad.stderr[-3000:]
+    assert re.search(r"\[off-track\] epoch 1: val top-1 [0-9.]+ is [0-9.]+ points behind [0-9.]+ of run good",
+                     bad.stdout), bad.stdout[-2000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert "points behind" in runs["bad"].data.tags["off_track"] and "off_track" not in runs["good"].data.tags
+    assert runs["good"].data.tags["recipe"] == runs["bad"].data.tags["recipe"] == "cs_mixer_tiny-2ep-32px-bs64-folder"
+    for run in runs.values():
+        (ds,) = run.inputs.dataset_inputs
+        assert ds.dataset.name == digits_root.name and len(ds.dataset.digest) == 16
+        assert '"train_samples": 1437' in ds.dataset.profile or "train_samples" in ds.dataset.profile
+    version = client.get_model_version("digits-tiny", "1")
+    assert version.run_id == runs["good"].info.run_id and version.tags["val_top1"] == f"{float(version.tags['val_top1']):.2f}"
+    assert version.tags["recipe"] == "cs_mixer_tiny-2ep-32px-bs64-folder" and version.tags["weights"] == "raw"
+    out = tmp_path / "compare.png"
+    compared = run_script(str(REPO / "launch/compare.py"), "good", "bad", "--uri", uri, "--out", str(out),
+                          "--log-to", "good", cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "optim.lr" in compared.stdout and out.stat().st_size > 10_000
+    assert "compare/compare.png" in {a.path for a in client.list_artifacts(runs["good"].info.run_id, "compare")}
+    print(good.stdout[-600:], bad.stdout[-600:], compared.stdout, sep="\n")

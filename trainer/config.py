@@ -148,6 +148,8 @@ class TrackingConfig:
     system_metrics: bool = True
     log_model: bool = True             # export the final weights (safetensors) as a run artifact
     retry_s: float = knob(10.0, gt=0.0)  # while the server is unreachable, retry this often
+    register_model: str | None = None  # register the final export as a version of this Model Registry name
+    off_track_points: float = knob(5.0, gt=0.0)  # val top-1 this far behind the best earlier run: off-track
 
 
 @dataclass

@@ -142,6 +142,14 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
         self._put({"kind": "artifact", "path": str(Path(path).resolve()), "dir": artifact_dir})
 
+    def log_dataset(self, name: str, source: str, digest: str, profile: dict) -> None:
+        """The run's dataset input (MLflow's Datasets tab): where it is, a digest of its file list, counts."""
+        self._put({"kind": "dataset", "name": name, "source": source, "digest": digest, "profile": profile})
+
+    def register_model(self, name: str, artifact_path: str, tags: dict[str, str]) -> None:
+        """A Model Registry version of `name` from this run's artifact (sent after the artifact itself)."""
+        self._put({"kind": "register", "name": name, "path": artifact_path, "tags": tags})
+
     def finish(self, status: str, timeout: float = 60.0) -> None:
         """End the run as FINISHED, FAILED or KILLED after sending what is queued (or spooling it)."""
         self._put({"kind": "status", "status": status})
@@ -244,7 +252,25 @@ class Tracker:
                 client.log_artifact(run_id, r["path"], r["dir"])
             elif r["kind"] == "status":
                 client.set_terminated(run_id, r["status"])
+            elif r["kind"] == "dataset":
+                from mlflow.entities import Dataset, DatasetInput
+                dataset = Dataset(name=r["name"], digest=r["digest"], source_type="local", source=json.dumps(
+                    {"uri": r["source"]}), profile=json.dumps(r["profile"]))
+                client.log_inputs(run_id, datasets=[DatasetInput(dataset)])
+            elif r["kind"] == "register":
+                self._register(client, run_id, r)
             records.pop(0)
+
+    def _register(self, client, run_id: str, r: dict) -> None:
+        from mlflow.exceptions import MlflowException
+        try:
+            client.create_registered_model(r["name"])
+        except MlflowException as e:  # it exists already: add a version
+            if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+                raise
+        source = f"{client.get_run(run_id).info.artifact_uri}/{r['path']}"
+        version = client.create_model_version(r["name"], source, run_id=run_id, tags=r["tags"])
+        self.log(f"[tracking] registered {r['name']} version {version.version} ({r['path']})")
 
     def _learn_logged_steps(self) -> None:
         """On resume: the last step of each training metric the run already has."""

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data_pipeline import build_loaders
+from data_pipeline import build_loaders, dataset_input
 from data_pipeline.sharding import epoch_end, resumed_epoch_end
 from models import count_params, model_info
 
@@ -137,7 +137,7 @@ class WindowMeter:
         t, state = self.t, self.t.state
         self.sums[2] = float(t.stopper.signum != 0)
         if not log:
-            flags = self.sums[1:].clone()
+            flags = self.sums[1:3].clone()
             dist.all_reduce(flags, op=dist.ReduceOp.SUM)
             bad, stop = flags.tolist()
         else:
@@ -230,6 +230,7 @@ class Evaluator:
         self.t = trainer
         self.ema_model = None
         self.top1 = self.top5 = self.ema_top1 = None
+        self.reference: dict[int, tuple[float, str]] | None = None  # off-track: the best earlier curve
 
     def run(self) -> None:
         t, state = self.t, self.t.state
@@ -253,6 +254,48 @@ class Evaluator:
         t.log(line)
         if t.tracker:
             t.tracker.log_metrics(metrics, state.step)
+            # by epoch too (epochs done so far): what earlier runs are compared at (off-track, compare.py)
+            t.tracker.log_metrics({"val/top1_by_epoch": state.last_top1}, state.epoch + 1)
+            self.off_track(state.epoch + 1, state.last_top1)
+
+    def off_track(self, epoch: int, top1: float) -> None:
+        """Behind the best earlier finished run of the same recipe, at the same epoch, by more than
+        tracking.off_track_points: a warning line, an MLflow tag and metric. The reference is read once."""
+        t = self.t
+        if self.reference is None:
+            self.reference = best_earlier_curve(t.tracker.uri, t.cfg.tracking.experiment, t.recipe, t.tracker.run_id,
+                                                t.log)
+        if epoch not in self.reference:
+            return
+        best, run_name = self.reference[epoch]
+        gap = best - top1
+        t.tracker.log_metrics({"val/off_track_points": gap}, epoch)
+        if gap > t.cfg.tracking.off_track_points:
+            t.log(f"[off-track] epoch {epoch}: val top-1 {top1:.2f} is {gap:.1f} points behind {best:.2f} of run "
+                  f"{run_name} at the same epoch (tracking.off_track_points={t.cfg.tracking.off_track_points})")
+            t.tracker.set_tags({"off_track": f"epoch {epoch}: {gap:.1f} points behind {run_name}"})
+
+
+def best_earlier_curve(uri: str, experiment: str, recipe: str, this_run: str, log) -> dict[int, tuple[float, str]]:
+    """epoch -> (best val top-1, run name) over the experiment's FINISHED runs tagged with `recipe`."""
+    try:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return {}
+        runs = client.search_runs([exp.experiment_id], f"tags.recipe = '{recipe}' and attributes.status = 'FINISHED'")
+        curve: dict[int, tuple[float, str]] = {}
+        for run in runs:
+            if run.info.run_id == this_run:
+                continue
+            for m in client.get_metric_history(run.info.run_id, "val/top1_by_epoch"):
+                if m.step not in curve or m.value > curve[m.step][0]:
+                    curve[m.step] = (m.value, run.info.run_name)
+        return curve
+    except Exception as e:  # noqa: BLE001  (a tracking server that is away must not stop training)
+        log(f"[tracking] off-track check unavailable: {e}")
+        return {}
 
 
 def seed_everything(seed: int) -> None:
@@ -341,6 +384,11 @@ class Trainer:
             self.tracker = start_run_tracking(cfg, self.run_dir, env.world_size, self.state.tracking_run_id,
                                               self.state.restarts, self.state.step, self.log)
             self.state.tracking_run_id = self.tracker.run_id
+        self.recipe = (f"{cfg.model.name}-{cfg.train.epochs}ep-{cfg.model.img_size}px-bs{plan.batch.global_batch}-"
+                       f"{cfg.data.backend}")  # runs of one recipe (an lr or seed sweep) compare with each other
+        if self.tracker and self.state.step == 0:
+            self.tracker.set_tags({"recipe": self.recipe, "steps_per_epoch": self.steps_per_epoch})
+            self.tracker.log_dataset(*dataset_input(cfg, self.train_loader, self.val_loader))
         self.report_bad_files()
         self.hosts: list[str] = [""] * env.world_size
         dist.all_gather_object(self.hosts, socket.gethostname())
@@ -578,7 +626,12 @@ def train(cfg: RunConfig) -> TrainResult:
         last = trainer.checkpointer.latest()
         if not result.preempted and cfg.tracking.log_model and last:
             for weights_ema in ([False, True] if trainer.ema else [False]):
-                trainer.tracker.log_artifact(export(last, ema=weights_ema), "model")
+                exported = export(last, ema=weights_ema)
+                trainer.tracker.log_artifact(exported, "model")
+            if cfg.tracking.register_model:  # the EMA weights where there are (timm's release convention)
+                trainer.tracker.register_model(cfg.tracking.register_model, f"model/{exported.name}", {
+                    "recipe": trainer.recipe, "val_top1": f"{result.top1:.2f}", "weights": "ema" if trainer.ema else "raw",
+                    "ema_top1": f"{result.ema_top1:.2f}" if result.ema_top1 is not None else "none"})
         trainer.tracker.finish("KILLED" if result.preempted else "FINISHED")
     if trainer.env.is_main and not result.preempted:  # slurm/launch.sh never requeues a finished run
         (trainer.run_dir / "FINISHED").write_text(f"step {result.step} val_top1 {result.top1}\n")
