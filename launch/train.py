@@ -7,7 +7,8 @@ Every rule is checked on the merged config (YAML, overrides, the DeepSpeed JSON)
 Exit codes: 0 done, 2 bad input, 3 non-finite loss after train.max_rollbacks reloads, 4 the
 replicated weights differ between ranks (silent corruption; not saved), 85 stopped by a signal after
 writing a checkpoint, 86 a rank hung (trainer/watchdog.py): for both, requeue and run the same
-command to resume.
+command to resume; 87 a node failed the pre-flight check (trainer/preflight.py): exclude the nodes
+in <run dir>/exclude_nodes and requeue.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline import DataError  # heavy imports only when training
     from trainer.checkpoint import CheckpointError
     from trainer.distributed import shutdown
+    from trainer.preflight import EXIT_BAD_NODE, BadNode
     from trainer.trainer import EXIT_CORRUPT, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLoss, ReplicaMismatch, train
     try:
         result = train(cfg)
@@ -59,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
-    except ReplicaMismatch as e:
+    except (ReplicaMismatch, BadNode) as e:  # every rank agrees: leave the process group in order
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_CORRUPT
+        shutdown()
+        return EXIT_CORRUPT if isinstance(e, ReplicaMismatch) else EXIT_BAD_NODE
     shutdown()
     if result.preempted:
         return EXIT_PREEMPTED

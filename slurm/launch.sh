@@ -21,6 +21,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 EXIT_PREEMPTED=85                # launch/train.py: checkpoint written after a stop signal
 EXIT_HUNG=86                     # trainer/watchdog.py: no step within train.hang_timeout_s; stacks in RUN_DIR/hang
+EXIT_BAD_NODE=87                 # trainer/preflight.py: nodes to exclude listed in RUN_DIR/exclude_nodes
 SIGUSR2_DEATH=$((128 + 12))      # a rank killed by SIGUSR2 before its handler was installed
 LAUNCH_LOG=""
 
@@ -171,6 +172,12 @@ fi
 if [[ -f "$RUN_DIR/FINISHED" ]]; then
   log "the run had finished ($(cat "$RUN_DIR/FINISHED")); srun exited $rc in teardown: not requeueing"
   exit 0
+fi
+if [[ $rc -eq $EXIT_BAD_NODE && -s "$RUN_DIR/exclude_nodes" ]]; then
+  bad_nodes=$(tr -d '[:space:]' < "$RUN_DIR/exclude_nodes")
+  log "pre-flight failed on node(s) $bad_nodes (see $RUN_DIR/logs/): excluding them from job $SLURM_JOB_ID and requeueing"
+  scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$bad_nodes" || log "scontrol update ExcNodeList failed"
+  rc=$EXIT_PREEMPTED
 fi
 if [[ $rc -eq $EXIT_HUNG ]]; then
   log "a rank hung (no optimizer step within its timeout; every rank's stacks in $RUN_DIR/hang/): requeueing like a preemption"

@@ -104,3 +104,20 @@ def test_mlflow_campaign_view_dataset_registry_off_track_and_compare(tmp_path, d
     assert "optim.lr" in compared.stdout and out.stat().st_size > 10_000
     assert "compare/compare.png" in {a.path for a in client.list_artifacts(runs["good"].info.run_id, "compare")}
     print(good.stdout[-600:], bad.stdout[-600:], compared.stdout, sep="\n")
+
+
+@pytest.mark.slow
+def test_a_slow_node_fails_the_preflight_and_is_listed_for_exclusion(tmp_path, digits_root):
+    """Rank 1's pre-flight matmul reads 10x slower: every rank exits 87 before any training, its node is
+    written to <run dir>/exclude_nodes (what slurm/launch.sh hands to scontrol update ExcNodeList)."""
+    result = run(tmp_path, digits_root, "train.max_steps=2", "tracking.enabled=false",
+                 env={"TRAIN_TEST_SLOW_PREFLIGHT": "1", "SLURMD_NODENAME": "n2"})
+    assert result.returncode != 0 and "exitcode  : 87" in result.stderr, result.stderr[-3000:]
+    assert re.search(r"pre-flight: rank 1 on n2: matmul \d+ ms, [0-9.]+x the median \d+ ms; excluding node\(s\) n2",
+                     result.stderr), result.stderr[-2000:]
+    assert (tmp_path / "c/exclude_nodes").read_text() == "n2\n"
+    assert not (tmp_path / "c/checkpoints").exists()
+    healthy = run_script(TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
+                         "train.run_name=ok", "train.max_steps=2", "tracking.enabled=false", "data.workers=1",
+                         nproc=2, cwd=tmp_path)
+    assert healthy.returncode == 0 and "[preflight] 2 ranks on 1 node(s): matmul" in healthy.stdout, healthy.stderr[-2000:]

@@ -112,6 +112,8 @@ class TrainConfig:
     profile: str | None = None                   # "START:END": torch.profiler trace of steps START+1..END
     hang_timeout_s: float | None = knob(None, gt=0.0)  # no step this long: stacks dumped, exit 86 (requeue); null: derived
     straggler_factor: float = knob(1.5, gt=1.0)  # a rank this much slower than the median (data + forward) is logged
+    preflight: bool = True                       # node health at start (matmul timing, all-reduce check), > 1 rank
+    preflight_factor: float = knob(3.0, gt=1.0)  # a rank's matmul this much slower than the median: exclude its node
     model_ema_every: int = knob(1, ge=1)         # update the EMA every k optimizer steps (decay ** k per update)
     model_ema: bool = False
     model_ema_decay: float = knob(0.99996, gt=0.0, lt=1.0)

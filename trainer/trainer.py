@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from .distributed import init_distributed
 from .ema import ModelEma
 from .evaluate import evaluate
 from .mfu import mfu_pct, peak_tflops, train_flops_per_image
+from .preflight import node_name, preflight
 from .state import RunState
 from .tracking import Tracker, run_id_of, start_run_tracking
 from .watchdog import HangWatchdog
@@ -336,6 +336,10 @@ class Trainer:
         self.plan = plan = plan_run(cfg, env.world_size, count_params(model))
         self.cfg = cfg = plan.cfg
         self.run_dir = run_directory(cfg)
+        self.hosts = [node_name()]
+        if cfg.train.preflight and env.world_size > 1:  # before anything heavy: a bad node costs seconds
+            self.hosts = preflight(env.device, env.world_size, env.rank, self.run_dir, cfg.train.preflight_factor,
+                                   self.log)
         c = cfg.checkpoint
         self.checkpointer = Checkpointer(Path(c.dir) if c.dir else self.run_dir / "checkpoints", c.keep_last, env,
                                          every_steps=c.every_steps, keep_best=c.keep_best,
@@ -386,12 +390,16 @@ class Trainer:
             self.state.tracking_run_id = self.tracker.run_id
         self.recipe = (f"{cfg.model.name}-{cfg.train.epochs}ep-{cfg.model.img_size}px-bs{plan.batch.global_batch}-"
                        f"{cfg.data.backend}")  # runs of one recipe (an lr or seed sweep) compare with each other
+        excluded = self.run_dir / "exclude_nodes"
+        if self.tracker and excluded.is_file():  # an earlier attempt of this job excluded them (preflight)
+            self.tracker.set_tags({"preflight_excluded_nodes": excluded.read_text().strip()})
         if self.tracker and self.state.step == 0:
             self.tracker.set_tags({"recipe": self.recipe, "steps_per_epoch": self.steps_per_epoch})
             self.tracker.log_dataset(*dataset_input(cfg, self.train_loader, self.val_loader))
         self.report_bad_files()
-        self.hosts: list[str] = [""] * env.world_size
-        dist.all_gather_object(self.hosts, socket.gethostname())
+        if len(self.hosts) != env.world_size:
+            self.hosts = [""] * env.world_size
+            dist.all_gather_object(self.hosts, node_name())
         self.watchdog = HangWatchdog(cfg.train.hang_timeout_s, self.run_dir, env.rank,
                                      self.record_hang if self.tracker else None)
         slow = os.environ.get("TRAIN_TEST_SLOW_RANK", "")  # "RANK:SECONDS": that rank waits per batch
