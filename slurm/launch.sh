@@ -174,9 +174,22 @@ if [[ -f "$RUN_DIR/FINISHED" ]]; then
   exit 0
 fi
 if [[ $rc -eq $EXIT_BAD_NODE && -s "$RUN_DIR/exclude_nodes" ]]; then
+  # ExcNodeList can only change while the job is pending: requeue, then (this shell ignoring the
+  # SIGTERM the requeue sends, within SLURM's KillWait) exclude the nodes while it waits to restart.
   bad_nodes=$(tr -d '[:space:]' < "$RUN_DIR/exclude_nodes")
   log "pre-flight failed on node(s) $bad_nodes (see $RUN_DIR/logs/): excluding them from job $SLURM_JOB_ID and requeueing"
-  scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$bad_nodes" || log "scontrol update ExcNodeList failed"
+  if ((RESTARTS < MAX_REQUEUES)); then
+    trap '' TERM
+    scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed; $RESUME_HINT"
+    for _ in $(seq 50); do
+      if scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$bad_nodes" 2>/dev/null; then
+        log "job $SLURM_JOB_ID requeued with ExcNodeList=$bad_nodes"
+        break
+      fi
+      sleep 0.2
+    done
+    exit "$EXIT_PREEMPTED"
+  fi
   rc=$EXIT_PREEMPTED
 fi
 if [[ $rc -eq $EXIT_HUNG ]]; then

@@ -266,7 +266,8 @@ def test_full_size_sbatch_fits_and_resolves(cluster, dry_runs, config):
 # ------------------------------------------------------------------ f: no requeue loops
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=1", "the config does not resolve (exit 2): not starting the ranks, not requeueing"),
-    ("data.root=/nonexistent/digits", "the trainer failed (exit 2; 2 bad input, 3 non-finite loss): not requeueing"),
+    ("data.root=/nonexistent/digits", "the trainer failed (exit 2; 2 bad input, 3 non-finite loss, 4 replicas differ): "
+                                        "not requeueing"),
 ])
 def test_real_failure_is_not_requeued(cluster, override, message):
     job_id = cluster.submit("s2mlpv2_tiny", override, "tracking.enabled=false")
@@ -288,6 +289,29 @@ def test_job_at_max_requeues_stops_instead_of_requeueing(cluster, digits_root):
     assert "after 0 requeues, MAX_REQUEUES=0: not requeueing; to resume: RUN_NAME=" in out
     stopped = int(re.search(r"written at step (\d+); exit 85", (run / "logs/rank0.log").read_text()).group(1))
     assert (run / "checkpoints/latest").read_text().strip() == f"step_{stopped:08d}"
+
+
+def test_a_node_failing_the_preflight_is_excluded_and_the_job_requeued(cluster, digits_root):
+    """Rank 1 (on n2) reads a 10x slower pre-flight matmul: exit 87 before training, launch.sh sets the
+    job's ExcNodeList to n2 and requeues it. This 2-node cluster has no third node, so the requeued job
+    waits (PENDING) with n2 excluded; the test then cancels it."""
+    job_id = cluster.submit("cs_mixer_tiny", f"data.root={digits_root}", "tracking.enabled=false",
+                            TRAIN_TEST_SLOW_PREFLIGHT="1")
+    end, info = time.monotonic() + 180, {}
+    while time.monotonic() < end:
+        info = cluster.job(job_id)
+        if info.get("Restarts") == "1" and info.get("ExcNodeList") == "n2":
+            break
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], env=cluster.env(), timeout=30)
+    out = cluster.output(job_id)
+    assert info.get("ExcNodeList") == "n2" and info.get("Restarts") == "1", (info, out)
+    assert info.get("JobState") == "PENDING" and "held" not in info.get("Reason", ""), info  # waits to restart
+    assert "pre-flight failed on node(s) n2" in out and f"job {job_id} requeued with ExcNodeList=n2" in out, out
+    run = cluster.runs / f"cs_mixer_tiny-{job_id}"
+    assert (run / "exclude_nodes").read_text() == "n2\n"
+    assert re.search(r"pre-flight: rank 1 on n2: matmul \d+ ms", (run / "logs/rank0.log").read_text() +
+                     (run / "logs/rank1.log").read_text())
 
 
 # ------------------------------------------------------------------ e: DeepSpeed's launcher, two nodes

@@ -71,6 +71,6 @@ def preflight(device: torch.device, world_size: int, rank: int, run_dir: Path, f
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / EXCLUDE_FILE
-        before = set(path.read_text().split(",")) - {""} if path.is_file() else set()
+        before = {v.strip() for v in path.read_text().split(",")} - {""} if path.is_file() else set()
         path.write_text(",".join(sorted(before | set(excluded))) + "\n")
     raise BadNode(f"pre-flight: {why}; excluding node(s) {','.join(excluded)} (listed in {run_dir / EXCLUDE_FILE})")
