@@ -139,7 +139,8 @@ class DaliSource:
                 reason = str(e)
             j = next(k % len(self.files) for k in range(i + 1, i + len(self.files)) if self._decodes(k % len(self.files)))
             lines = str(error).splitlines()
-            said = next((b for a, b in zip(lines, lines[1:]) if a.strip() == "encountered:"), lines[-1])
+            after = lines[next((i + 1 for i, line in enumerate(lines) if line.strip() == "encountered:"), 0):]
+            said = next((line for line in after if line.strip()), lines[-1])
             print(f"[data] WARNING {reason} (DALI: {said.strip()}); replaced by {self.files[j]}", file=sys.stderr,
                   flush=True)
             self.files[i], self.labels[i] = self.files[j], self.labels[j]
