@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 EXIT_BAD_NODE = 87
 EXCLUDE_FILE = "exclude_nodes"
-MIN_GAP_S = 0.05  # and slower by this much: scheduler jitter on a busy CPU is not a bad node
+MIN_GAP_S = {"cpu": 0.2, "cuda": 0.005}  # and slower by this much: a busy CPU's scheduling jitter is not a bad node
 
 
 class BadNode(RuntimeError):
@@ -57,11 +57,12 @@ def preflight(device: torch.device, world_size: int, rank: int, run_dir: Path, f
     nodes: list[str] = [""] * world_size
     dist.all_gather_object(nodes, node_name())
     times = [float(v[0]) for v in every]
+    min_gap = MIN_GAP_S.get(device.type, 0.005)
     median = sorted(times)[(world_size - 1) // 2]
     bad = {r: ("a wrong all-reduce sum" if float(every[r][1]) != 1.0 else
                f"matmul {times[r] * 1000:.0f} ms, {times[r] / median:.1f}x the median {median * 1000:.0f} ms")
            for r in range(world_size) if float(every[r][1]) != 1.0 or (times[r] > factor * median and
-                                                                      times[r] - median > MIN_GAP_S)}
+                                                                      times[r] - median > min_gap)}
     if not bad:
         log(f"[preflight] {world_size} ranks on {len(set(nodes))} node(s): matmul {median * 1000:.0f} ms (median), "
             f"all-reduce correct; {time.perf_counter() - t0:.1f} s")

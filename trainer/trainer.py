@@ -593,7 +593,8 @@ class Trainer:
                                 "optim.lr, check the data, or resume from that checkpoint)")
         kept = dict(skip=[*state.skip, [epoch, start, state.epoch_sample]], rollbacks=state.rollbacks + 1,
                     restarts=state.restarts, tracking_run_id=state.tracking_run_id)
-        self.restore(last, check_complete(last))
+        with self.watchdog.paused():  # reloading a checkpoint is not a hang
+            self.restore(last, check_complete(last))
         state.load_state_dict(kept)
         rollbacks = state.rollbacks
         self.checkpointer.last_saved_step = None  # the steps after `last` are written again
