@@ -108,7 +108,7 @@ def test_mlflow_campaign_view_dataset_registry_off_track_and_compare(tmp_path, d
 
 @pytest.mark.slow
 def test_a_slow_node_fails_the_preflight_and_is_listed_for_exclusion(tmp_path, digits_root):
-    """Rank 1's pre-flight matmul reads 10x slower: every rank exits 87 before any training, its node is
+    """Rank 1's pre-flight matmul reads 1 s slower: every rank exits 87 before any training, its node is
     written to <run dir>/exclude_nodes (what slurm/launch.sh hands to scontrol update ExcNodeList)."""
     result = run(tmp_path, digits_root, "train.max_steps=2", "tracking.enabled=false",
                  env={"TRAIN_TEST_SLOW_PREFLIGHT": "1", "SLURMD_NODENAME": "n2"})

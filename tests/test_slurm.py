@@ -292,7 +292,7 @@ def test_job_at_max_requeues_stops_instead_of_requeueing(cluster, digits_root):
 
 
 def test_a_node_failing_the_preflight_is_excluded_and_the_job_requeued(cluster, digits_root):
-    """Rank 1 (on n2) reads a 10x slower pre-flight matmul: exit 87 before training, launch.sh sets the
+    """Rank 1 (on n2) reads a pre-flight matmul 1 s slower: exit 87 before training, launch.sh sets the
     job's ExcNodeList to n2 and requeues it. This 2-node cluster has no third node, so the requeued job
     waits (PENDING) with n2 excluded; the test then cancels it."""
     job_id = cluster.submit("cs_mixer_tiny", f"data.root={digits_root}", "tracking.enabled=false",

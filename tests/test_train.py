@@ -44,16 +44,16 @@ def test_two_process_training_learns_and_saves_the_run(tmp_path, digits_root):
     assert (run / "checkpoints/latest").read_text().strip() == "step_00000044"
 
 
-def test_same_seed_same_losses(tmp_path, digits_root):
+def test_another_seed_gives_other_losses(tmp_path, digits_root):
+    """Same seed -> same losses is test_deepspeed_launcher_gives_the_same_run_as_torchrun (two runs, loss
+    for loss); here a second seed must change them."""
     args = ["--config", "s2mlpv2_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
             "train.max_steps=6", "train.log_every=1", "data.workers=1"]
     first = run_script(TRAIN, *args, "train.run_name=a", cwd=tmp_path)
-    second = run_script(TRAIN, *args, "train.run_name=b", cwd=tmp_path)
     other = run_script(TRAIN, *args, "train.run_name=c", "train.seed=1", cwd=tmp_path)
-    for r in (first, second, other):
+    for r in (first, other):
         assert r.returncode == 0, r.stderr[-3000:]
     assert len(losses(first.stdout)) == 6
-    assert losses(first.stdout) == losses(second.stdout)
     assert losses(first.stdout) != losses(other.stdout)
 
 

@@ -8,6 +8,7 @@ import random
 import re
 import statistics
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,9 +264,18 @@ def test_keep_best_and_milestones(tmp_path, digits_root):
 
 # ----------------------------------------------------------------------------- faults
 
+def newest_complete(ckpts: Path) -> str | None:
+    """The tag of the complete checkpoint written last (the highest write sequence)."""
+    if not ckpts.is_dir():
+        return None
+    complete = [(json.loads((p / "meta.json").read_text())["seq"], p.name) for p in ckpts.iterdir()
+                if p.is_dir() and (p / "meta.json").is_file()]
+    return max(complete)[1] if complete else None
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_of_saves_loses_nothing(tmp_path, digits_root):
-    """fp32, one process, a save every step. Six times, the process is SIGKILLed a random moment into its
+    """fp32, one process, a save every step. Four times, the process is SIGKILLed a random moment into its
     second save (moments drawn over the measured duration of a save); each restart must continue from
     the last complete checkpoint, and the finished run must end with an uninterrupted run's weights."""
     common = ["deepspeed.bf16=false", "deepspeed.zero_stage=1", "checkpoint.every_steps=1", "data.workers=0",
@@ -278,28 +288,33 @@ def test_sigkill_at_random_moments_of_saves_loses_nothing(tmp_path, digits_root)
     rng = random.Random(0)
     ckpts = tmp_path / "cut/checkpoints"
     trials = []
-    for trial in range(6):
-        before = (ckpts / "latest").read_text().strip() if (ckpts / "latest").exists() else None
+    for trial in range(4):
+        before = newest_complete(ckpts)
         delay = rng.uniform(0, 1.2 * save_s)
-        killed = digits_run(tmp_path, digits_root, "cut", *common,
-                            env={"TRAIN_TEST_KILL_IN_SAVE": f"2:0:{delay:.4f}"})
+        # the last trial dies exactly between a save's rename and the pointer's update
+        hook = {"TRAIN_TEST_KILL_BEFORE_POINTER": "2"} if trial == 3 else {"TRAIN_TEST_KILL_IN_SAVE": f"2:0:{delay:.4f}"}
+        killed = digits_run(tmp_path, digits_root, "cut", *common, env=hook)
         assert killed.returncode == -9, (trial, killed.returncode, killed.stderr[-2000:])
-        if before:  # restarted from the checkpoint `latest` named, the newest complete one
+        if before:  # restarted from the newest complete checkpoint (the one `latest` names, or a newer one)
             assert f"[resume] {ckpts}/{before}: " in killed.stdout, (trial, killed.stdout[-2000:])
         latest = (ckpts / "latest").read_text().strip()
-        complete = sorted(json.loads((p / "meta.json").read_text())["seq"] for p in ckpts.iterdir()
-                          if p.is_dir() and (p / "meta.json").is_file())
-        seq_latest = json.loads((ckpts / latest / "meta.json").read_text())["seq"]
-        assert seq_latest == complete[-1]  # latest names the newest complete checkpoint
-        trials.append((round(delay, 4), latest))
+        # `latest` names the newest complete checkpoint, or the one written just before it when the kill
+        # fell between a save's rename and the pointer's update (the next start takes the newer one)
+        seqs = sorted(json.loads((p / "meta.json").read_text())["seq"] for p in ckpts.iterdir()
+                      if p.is_dir() and (p / "meta.json").is_file())
+        assert json.loads((ckpts / latest / "meta.json").read_text())["seq"] in seqs[-2:]
+        trials.append((round(delay, 4), latest, newest_complete(ckpts)))
+    orphan = newest_complete(ckpts)
+    assert (ckpts / "latest").read_text().strip() != orphan  # the last kill left the pointer one behind
     done = digits_run(tmp_path, digits_root, "cut", *common)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"[checkpoint] {orphan} (write " in done.stdout and f"[resume] {ckpts}/{orphan}: " in done.stdout
     a = torch.load(tmp_path / "full/checkpoints/step_00000024/mp_rank_00_model_states.pt", weights_only=False)
     b = torch.load(ckpts / (ckpts / "latest").read_text().strip() / "mp_rank_00_model_states.pt", weights_only=False)
     diff = max((a["module"][k] - b["module"][k]).abs().max().item() for k in a["module"])
     print(f"save {save_s:.3f} s; trials (kill delay s, latest after): {trials}; max |weight diff| {diff}")
     assert diff == 0.0
-    assert len({latest for _, latest in trials}) >= 5  # the kills walked the run forward
+    assert len({t[1] for t in trials}) >= 3  # the kills walked the run forward
 
 
 @pytest.mark.slow

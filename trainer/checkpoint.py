@@ -127,11 +127,22 @@ class Checkpointer:
         return sorted(out, key=lambda e: (e[0], e[1]))
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint by write order. `latest` names it, except after a kill in the
+        instant between a save's rename and the pointer's update: then the newer, complete one is
+        taken and the pointer repaired (rank 0)."""
         pointer = self.dir / "latest"
         if not pointer.is_file():
             return None
         tag_dir = self.dir / pointer.read_text().strip()
-        check_complete(tag_dir)
+        named = check_complete(tag_dir)
+        newer = [(seq, tag) for seq, tag, _ in self.complete() if seq > named.get("seq", 0)]
+        if newer:
+            seq, tag = newer[-1]
+            self.log(f"[checkpoint] {tag} (write {seq}) is complete and newer than {tag_dir.name}, which 'latest' "
+                     f"names: a save was interrupted after writing it; using it")
+            if self.env.is_main:
+                write_atomically(pointer, tag + "\n")
+            tag_dir = self.dir / tag
         return tag_dir
 
     def _new_tag(self, step: int) -> str:
@@ -171,6 +182,8 @@ class Checkpointer:
             write_atomically(partial / META, json.dumps(meta, indent=1))
             os.replace(partial, final)
             _fsync(self.dir)
+            if os.environ.get("TRAIN_TEST_KILL_BEFORE_POINTER") == str(self.saves):  # test-only
+                os.kill(os.getpid(), 9)
             write_atomically(self.dir / "latest", tag + "\n")
             self._retain(tag)
         dist.barrier()

@@ -38,14 +38,14 @@ def matmul_seconds(device: torch.device) -> float:
         a @ a
     sync()
     seconds = time.perf_counter() - t0
-    slow = os.environ.get("TRAIN_TEST_SLOW_PREFLIGHT", "")  # "RANK": that rank's matmul reads 10x slower
+    slow = os.environ.get("TRAIN_TEST_SLOW_PREFLIGHT", "")  # "RANK": that rank's matmul reads 1 s slower
     if slow and int(slow) == dist.get_rank():
-        seconds *= 10
+        seconds += 1.0
     return seconds
 
 
-def preflight(device: torch.device, world_size: int, rank: int, run_dir: Path, factor: float, log) -> list[str]:
-    """Every rank's node name (for messages); raises BadNode naming the nodes to exclude."""
+def preflight(device: torch.device, world_size: int, rank: int, run_dir: Path, factor: float) -> tuple[list[str], str]:
+    """(every rank's node name, a summary line to log); raises BadNode naming the nodes to exclude."""
     t0 = time.perf_counter()
     seconds = matmul_seconds(device)
     probe = torch.full((1024,), float(rank + 1), device=device)
@@ -64,9 +64,8 @@ def preflight(device: torch.device, world_size: int, rank: int, run_dir: Path, f
            for r in range(world_size) if float(every[r][1]) != 1.0 or (times[r] > factor * median and
                                                                       times[r] - median > min_gap)}
     if not bad:
-        log(f"[preflight] {world_size} ranks on {len(set(nodes))} node(s): matmul {median * 1000:.0f} ms (median), "
-            f"all-reduce correct; {time.perf_counter() - t0:.1f} s")
-        return nodes
+        return nodes, (f"[preflight] {world_size} ranks on {len(set(nodes))} node(s): matmul {median * 1000:.0f} ms "
+                       f"(median), all-reduce correct; {time.perf_counter() - t0:.1f} s")
     excluded = sorted({nodes[r] for r in bad})
     why = "; ".join(f"rank {r} on {nodes[r]}: {reason}" for r, reason in bad.items())
     if rank == 0:

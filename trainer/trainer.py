@@ -336,10 +336,10 @@ class Trainer:
         self.plan = plan = plan_run(cfg, env.world_size, count_params(model))
         self.cfg = cfg = plan.cfg
         self.run_dir = run_directory(cfg)
-        self.hosts = [node_name()]
+        self.hosts, preflight_line = [node_name()], None
         if cfg.train.preflight and env.world_size > 1:  # before anything heavy: a bad node costs seconds
-            self.hosts = preflight(env.device, env.world_size, env.rank, self.run_dir, cfg.train.preflight_factor,
-                                   self.log)
+            self.hosts, preflight_line = preflight(env.device, env.world_size, env.rank, self.run_dir,
+                                                   cfg.train.preflight_factor)
         c = cfg.checkpoint
         self.checkpointer = Checkpointer(Path(c.dir) if c.dir else self.run_dir / "checkpoints", c.keep_last, env,
                                          every_steps=c.every_steps, keep_best=c.keep_best,
@@ -379,6 +379,8 @@ class Trainer:
                  f"{self.engine.zero_optimization_stage()}; {plan.dtype} on {env.device.type}"
                  f"{'; compiled (' + cfg.train.compile_backend + ')' if self.compiled else ''}; data "
                  f"{cfg.data.backend}; MFU against {peak_source}; run dir {self.run_dir}")
+        if preflight_line:
+            self.log(preflight_line)
         if plan.ds_overrides:
             self.log(f"[deepspeed] {cfg.deepspeed.config} overrides: {', '.join(plan.ds_overrides)}")
         if resume and self.state.tracking_run_id is None:  # checkpointed before the run was created
