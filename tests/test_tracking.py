@@ -275,7 +275,7 @@ uri, run_dir, start = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))
 tracker = Tracker(uri, "shared", run_dir, run_dir.name, None, system_metrics=True,
                   log=lambda *a: print(*a, file=sys.stderr))
-time.sleep(4)  # a few system-metrics samples
+time.sleep(8)  # a few system-metrics samples (opening the store is serialised across the 4 jobs)
 tracker.finish("FINISHED")
 """
 

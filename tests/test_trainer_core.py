@@ -344,10 +344,10 @@ def test_a_non_finite_loss_is_rolled_back_and_the_run_finishes(tmp_path, digits_
 
 @pytest.mark.slow
 def test_resume_at_other_world_sizes_reads_each_image_of_the_epoch_once(tmp_path, digits_root):
-    """One epoch of the digits set (15 steps of 96) in four legs: 2 -> 1 -> 2 -> 3 processes, ZeRO-1
+    """One epoch of the digits set (15 steps of 96) in three legs: 2 -> 1 -> 3 processes, ZeRO-1
     (a universal checkpoint at each change). Every image of the epoch is read exactly once."""
     record = tmp_path / "samples.txt"
-    legs, done = [(2, 3), (1, 6), (2, 9), (3, 15)], 0
+    legs, done = [(2, 4), (1, 8), (3, 15)], 0
     for nproc, stop in legs:
         r = digits_run(tmp_path, digits_root, "ws", "train.global_batch=96", "train.batch_size=48",
                        "train.grad_accum=null", "deepspeed.zero_stage=1", f"train.max_steps={stop}",
@@ -361,7 +361,7 @@ def test_resume_at_other_world_sizes_reads_each_image_of_the_epoch_once(tmp_path
     planned = set(epoch_permutation(1442, 0, 0)[:1440].tolist())
     seen = [counts.get(i, 0) for i in planned]
     zero, once, twice = seen.count(0), seen.count(1), sum(c >= 2 for c in seen)
-    print(f"digits epoch 0 over 2->1->2->3 processes: 0x {zero}, 1x {once}, 2x {twice} of {len(planned)}")
+    print(f"digits epoch 0 over 2->1->3 processes: 0x {zero}, 1x {once}, 2x {twice} of {len(planned)}")
     assert (zero, once, twice) == (0, 1440, 0) and set(counts) == planned
 
 

@@ -110,6 +110,13 @@ class Tracker:
         self._offline_since: float | None = None  # set while the server cannot be reached
         self._stop = threading.Event()
         self._write_run_file()
+        # Import MLflow here, once, before the sender and the system-metrics threads start: two threads
+        # importing it at the same moment fail with "partially initialized module 'mlflow.tracking'",
+        # which ended the sender (no run at all) and the metrics (seen with several jobs starting at once).
+        import mlflow.tracking  # noqa: F401
+        if system_metrics:
+            with contextlib.suppress(ImportError):  # psutil missing: _sample_system says so
+                import mlflow.system_metrics.system_metrics_monitor  # noqa: F401
         if not background:  # flush_spool: the caller sends synchronously
             return
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
