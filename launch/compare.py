@@ -2,7 +2,8 @@
 
     python launch/compare.py RUN [RUN ...] [--uri sqlite:///runs/mlflow.db] [--out compare.png] [--log-to RUN]
 
-RUN is a run id or a run name. The legend names each run with the parameters that differ between
+RUN is a run id or a run name, or a sweep (launch/sweep.py: its name or parent run id), which stands for
+all its runs and, without --log-to, receives the PNG. The legend names each run with the parameters that differ between
 the runs (the sweep's knobs). --log-to logs the PNG to that run (a sweep's parent, say) under
 artifacts/compare/. Prints each run's best and last val top-1.
 """
@@ -28,6 +29,17 @@ def find_run(client, key: str):
     return runs[0]
 
 
+def expand_sweep(client, run) -> list:
+    """A sweep's parent run stands for its children (MLflow's parentRunId tag), by name."""
+    if run.data.tags.get("sweep.role") != "parent":
+        return [run]
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+                                  max_results=10_000)
+    if not children:
+        raise SystemExit(f"error: sweep {run.info.run_name} has no runs yet")
+    return sorted(children, key=lambda r: r.info.run_name)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN")
@@ -45,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(args.uri)
-    runs = [find_run(client, key) for key in args.runs]
+    named = [find_run(client, key) for key in args.runs]
+    runs = [r for run in named for r in expand_sweep(client, run)]
+    sweeps = [r for r in named if r.data.tags.get("sweep.role") == "parent"]
+    if not args.log_to and len(sweeps) == 1:
+        args.log_to = sweeps[0].info.run_id
     keys = sorted({k for r in runs for k in r.data.params})
     differ = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1
               and not k.startswith(("train.run_name", "train.output_dir", "tracking.", "checkpoint."))]

@@ -4,7 +4,8 @@
 # launch/train.py, turns the batch shell's SIGUSR2 into a checkpoint on every rank (exit 85) and then
 # requeues the job, once, from the batch shell; the requeued job resumes its run. See slurm/README.md.
 #
-# Environment: RUN_ROOT (runs), RUN_NAME (<config>-<job id>), PYTHON (.venv/bin/python, relative to the
+# Environment: RUN_ROOT (runs), RUN_NAME (<config>-<job id>), SWEEP_TASKS (launch/sweep.py: the directory of
+# the array tasks' override files), PYTHON (.venv/bin/python, relative to the
 # repository), MAX_REQUEUES (20), DRY_RUN=1 (print the plan and the srun command, start nothing);
 # MLFLOW_TRACKING_URI and everything else of the submitting shell reach the ranks (sbatch exports it).
 #
@@ -60,10 +61,25 @@ on_signal() {
 trap 'on_signal USR2' USR2
 trap 'on_signal TERM' TERM
 
+# A task of a sweep's job array (launch/sweep.py): its own overrides, one per line, follow the array's.
+if [[ -n "${SWEEP_TASKS:-}" && -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+  TASK_FILE="$SWEEP_TASKS/$SLURM_ARRAY_TASK_ID.args"
+  if [[ ! -f "$TASK_FILE" ]]; then
+    echo "error: sweep array task $SLURM_ARRAY_TASK_ID has no $TASK_FILE (SWEEP_TASKS=$SWEEP_TASKS)" >&2
+    exit 2
+  fi
+  mapfile -t TASK_ARGS <"$TASK_FILE"
+  set -- "$@" "${TASK_ARGS[@]}"
+fi
+
 PYTHON=${PYTHON:-.venv/bin/python}
 MAX_REQUEUES=${MAX_REQUEUES:-20}
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 RUN_ROOT=${RUN_ROOT:-runs}
+# What scontrol acts on. An array task's own id, not SLURM_JOB_ID: the array's last task has the array's
+# id as its SLURM_JOB_ID, and `scontrol requeue <array id>` requeues every task of the array.
+JOB=$SLURM_JOB_ID
+[[ -z "${SLURM_ARRAY_JOB_ID:-}" ]] || JOB="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
 RUN_NAME=${RUN_NAME:-$CONFIG-$SLURM_JOB_ID}   # the job id survives requeues: the same run dir resumes
 for arg in "$@"; do  # an explicit override wins, as it does in the trainer
   case $arg in
@@ -111,7 +127,7 @@ if [[ -z "${DRY_RUN:-}" ]]; then
   mkdir -p "$RUN_DIR/logs"
   LAUNCH_LOG="$RUN_DIR/logs/launch.log"
 fi
-log "job $SLURM_JOB_ID (restart $RESTARTS of at most $MAX_REQUEUES) on $SLURM_JOB_NODELIST: $SLURM_NTASKS tasks," \
+log "job $JOB (restart $RESTARTS of at most $MAX_REQUEUES) on $SLURM_JOB_NODELIST: $SLURM_NTASKS tasks," \
     "$OMP_NUM_THREADS CPUs each; MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
 log "run dir $RUN_DIR; python $PYTHON; MLflow ${MLFLOW_TRACKING_URI:-from the config}"
 
@@ -177,13 +193,13 @@ if [[ $rc -eq $EXIT_BAD_NODE && -s "$RUN_DIR/exclude_nodes" ]]; then
   # ExcNodeList can only change while the job is pending: requeue, then (this shell ignoring the
   # SIGTERM the requeue sends, within SLURM's KillWait) exclude the nodes while it waits to restart.
   bad_nodes=$(tr -d '[:space:]' < "$RUN_DIR/exclude_nodes")
-  log "pre-flight failed on node(s) $bad_nodes (see $RUN_DIR/logs/): excluding them from job $SLURM_JOB_ID and requeueing"
+  log "pre-flight failed on node(s) $bad_nodes (see $RUN_DIR/logs/): excluding them from job $JOB and requeueing"
   if ((RESTARTS < MAX_REQUEUES)); then
     trap '' TERM
-    scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed; $RESUME_HINT"
+    scontrol requeue "$JOB" || log "scontrol requeue failed; $RESUME_HINT"
     for _ in $(seq 50); do
-      if scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$bad_nodes" 2>/dev/null; then
-        log "job $SLURM_JOB_ID requeued with ExcNodeList=$bad_nodes"
+      if scontrol update JobId="$JOB" ExcNodeList="$bad_nodes" 2>/dev/null; then
+        log "job $JOB requeued with ExcNodeList=$bad_nodes"
         break
       fi
       sleep 0.2
@@ -211,7 +227,7 @@ if ((RESTARTS >= MAX_REQUEUES)); then
   log "stopped (exit $rc) after $RESTARTS requeues, MAX_REQUEUES=$MAX_REQUEUES: not requeueing; $RESUME_HINT"
   exit "$EXIT_PREEMPTED"
 fi
-log "stopped (exit $rc): requeueing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) of at most $MAX_REQUEUES)"
+log "stopped (exit $rc): requeueing job $JOB (restart $((RESTARTS + 1)) of at most $MAX_REQUEUES)"
 trap - TERM  # SLURM ends this shell right after the requeue
-scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed; $RESUME_HINT"
+scontrol requeue "$JOB" || log "scontrol requeue failed; $RESUME_HINT"
 exit "$EXIT_PREEMPTED"

@@ -314,6 +314,74 @@ def test_a_node_failing_the_preflight_is_excluded_and_the_job_requeued(cluster, 
                      (run / "logs/rank1.log").read_text())
 
 
+# ------------------------------------------------------------------ sweeps: job arrays under one MLflow parent
+def sweep(cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/sweep.py", *args], cwd=REPO, env=cluster.env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sweep_dry_run_plans_one_array_per_config_and_submits_nothing(cluster):
+    r = sweep(cluster, "submit", "--config", "cs_mixer_tiny", "--config", "configs/s2mlpv2_medium.yaml",
+              "--grid", "optim.weight_decay=0.05,0.1", "train.seed=0,1", "--name", "plan", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "sweep plan: 8 task(s) = 2 config(s) x 4 grid point(s)" in r.stdout
+    assert "s2mlpv2_medium: array of 4, world size 16 each" in r.stdout  # the variant's own allocation
+    assert "[3] plan-s2mlpv2_medium-3: optim.weight_decay=0.1 train.seed=1" in r.stdout
+    assert "sbatch --parsable --array=0-3 --job-name=plan.cs_mixer_tiny" in r.stdout
+    assert not (cluster.runs / "sweeps/plan").exists()
+    # a swept value that changes nothing (cs_mixer_tiny pins optim.lr) is refused before anything is created
+    r = sweep(cluster, "submit", "--config", "cs_mixer_tiny", "--grid", "optim.lr_base=5e-4,1e-3", "--dry-run")
+    assert r.returncode == 2 and "grid points 0 and 1 (optim.lr_base=1e-3) resolve to the same run" in r.stderr
+
+
+def test_sweep_array_nests_runs_and_a_preempted_task_resumes_its_own_run(cluster, digits_root):
+    """Two grid points as one job array (1 node each); task 1 is preempted mid-run (SIGUSR2 to its batch
+    shell), requeued, and resumes its own run directory and MLflow run, still nested under the parent."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{cluster.root}/sweep.db"
+    r = sweep(cluster, "submit", "--config", "cs_mixer_tiny", "--grid", "optim.lr=1e-3,2e-3", "--name", "sw",
+              "--set", f"data.root={digits_root}", "train.epochs=2", "train.log_every=1", "--uri", uri,
+              "--sbatch-args", f"--nodes=1 --output={cluster.root}/slurm-%x-%j.out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    array = re.search(r"submitted cs_mixer_tiny: job array (\d+)", r.stdout).group(1)
+    task1 = cluster.runs / "sw-cs_mixer_tiny-1"
+    wait_for_line(task1 / "logs/rank0.log", r"step 3/44 ")
+    cluster.signal_batch_shell(f"{array}_1", "USR2")
+    infos = [cluster.wait(f"{array}_{i}") for i in (0, 1)]
+    # only task 1 requeued: `scontrol requeue <array id>` (task 1's SLURM_JOB_ID) would requeue task 0 too
+    assert [i["ExitCode"] for i in infos] == ["0:0", "0:0"] and [i["Restarts"] for i in infos] == ["0", "1"], \
+        (infos, (task1 / "logs/launch.log").read_text())
+    assert re.search(r"\[stop\] signal received: checkpoint \S+ written at step \d+; exit 85",
+                     (task1 / "logs/rank0.log").read_text())
+
+    client = MlflowClient(uri)
+    parent = mlflow_run(uri, "sw")
+    assert parent.data.tags["sweep.role"] == "parent" and parent.data.params["grid.optim.lr"] == "1e-3,2e-3"
+    children = {r.info.run_name: r for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert sorted(children) == ["sw-cs_mixer_tiny-0", "sw-cs_mixer_tiny-1"]  # one run per task, across the requeue
+    assert [children[n].data.params["optim.lr"] for n in sorted(children)] == ["0.001", "0.002"]
+    assert children["sw-cs_mixer_tiny-1"].data.tags["restart_count"] == "1"
+
+    r = sweep(cluster, "status", "sw")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith("cs_mixer_tiny[")}
+    # task  overrides  state  epoch  best-top-1  best-EMA  restarts
+    assert rows["cs_mixer_tiny[0]"][1:4] == ["optim.lr=1e-3", "FINISHED", "2/2"] and rows["cs_mixer_tiny[0]"][-1] == "0"
+    assert rows["cs_mixer_tiny[1]"][1:4] == ["optim.lr=2e-3", "FINISHED", "2/2"] and rows["cs_mixer_tiny[1]"][-1] == "1"
+    assert float(rows["cs_mixer_tiny[1]"][4]) > 25
+    assert "every task has ended: parent run marked FINISHED" in r.stdout
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert "sweep.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    png = cluster.root / "sw.png"
+    r = subprocess.run([sys.executable, "launch/compare.py", "sw", "--uri", uri, "--out", str(png)], cwd=REPO,
+                       env=cluster.env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and png.stat().st_size > 10_000, r.stderr
+    assert "sw-cs_mixer_tiny-1" in r.stdout and f"logged to run {parent.info.run_id}" in r.stdout
+
+
 # ------------------------------------------------------------------ e: DeepSpeed's launcher, two nodes
 def test_deepspeed_hostfile_no_ssh_two_simulated_nodes(tmp_path, digits_root):
     """`deepspeed --hostfile H --no_ssh --node_rank R`: one launcher per node, no ssh, here both on this machine."""

@@ -152,6 +152,7 @@ class TrackingConfig:
     retry_s: float = knob(10.0, gt=0.0)  # while the server is unreachable, retry this often
     register_model: str | None = None  # register the final export as a version of this Model Registry name
     off_track_points: float = knob(5.0, gt=0.0)  # val top-1 this far behind the best earlier run: off-track
+    parent_run_id: str | None = None   # nest the run under this MLflow run (a sweep's parent; launch/sweep.py)
 
 
 @dataclass

@@ -93,11 +93,12 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, run_dir: Path, run_name: str, run_id: str | None,
                  artifact_root: str | None = None, system_metrics: bool = True, retry_s: float = 10.0,
-                 queue_size: int = 10_000, log=print, background: bool = True) -> None:
+                 queue_size: int = 10_000, log=print, background: bool = True, parent_run_id: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")   # a hung server costs the sender 10 s,
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # not minutes; we retry ourselves
         self.uri, self.experiment, self.run_name, self.artifact_root = uri, experiment, run_name, artifact_root
         self.run_id, self.resumed = run_id, run_id is not None
+        self.parent_run_id = parent_run_id
         self.spool_path = run_dir / SPOOL
         self.retry_s, self.log = retry_s, log
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -207,7 +208,10 @@ class Tracker:
             with store_lock(self.uri):
                 client = MlflowClient(self.uri)
                 if self.run_id is None:
-                    self.run_id = client.create_run(self._experiment_id(client), run_name=self.run_name).info.run_id
+                    # MLflow's own nesting tag: the UI shows the run under its parent (a sweep's)
+                    nest = {"mlflow.parentRunId": self.parent_run_id} if self.parent_run_id else {}
+                    self.run_id = client.create_run(self._experiment_id(client), run_name=self.run_name,
+                                                    tags=nest).info.run_id
                     self._write_run_file()
                 else:
                     client.update_run(self.run_id, status="RUNNING")
@@ -408,7 +412,8 @@ def start_run_tracking(cfg, run_dir: Path, world_size: int, run_id: str | None, 
 
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(cfg.train.output_dir)
     tracker = Tracker(uri, cfg.tracking.experiment, run_dir, run_dir.name, run_id, artifact_root=local_artifact_root(uri),
-                      system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s, log=log)
+                      system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s, log=log,
+                      parent_run_id=cfg.tracking.parent_run_id)
     tags = {"world_size": world_size, "restart_count": restarts, "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
     if "SLURM_JOB_ID" in os.environ:  # SLURM sets the count from the first requeue on
         tags["slurm_restart_count"] = os.environ.get("SLURM_RESTART_COUNT", "0")
