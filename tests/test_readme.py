@@ -59,6 +59,11 @@ def check_python_command(words: list[str]) -> None:
         help_text = run_script(script, args[0], "--help").stdout
     for flag in (a.split("=")[0] for a in args if a.startswith("--")):
         assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", help_text), f"{script}: no option {flag}"
+    if script == "launch/sweep.py":  # its --dry-run resolves every grid point itself
+        if "--dry-run" in args:
+            result = run_script(script, *args)
+            assert result.returncode == 0, f"{' '.join(words)}: {result.stderr[-1000:]}"
+        return
     if script == "launch/train.py" or "--config" in args:
         config = args[args.index("--config") + 1] if "--config" in args else None
         overrides = [a for a in args if re.fullmatch(r"[a-z_]+\.[a-z_]+=\S*", a)]
