@@ -314,6 +314,38 @@ def test_a_node_failing_the_preflight_is_excluded_and_the_job_requeued(cluster, 
                      (run / "logs/rank1.log").read_text())
 
 
+# ------------------------------------------------------------------ a hung rank: stacks, exit 86, requeue
+def test_a_hung_rank_dumps_stacks_and_the_job_requeues_and_finishes(cluster, digits_root):
+    """Rank 1 (on n2) waits 1 s per batch (a straggler), then blocks for good after step 4 in the job's
+    first run; rank 0 blocks in the next collective. With train.hang_timeout_s=5 both watchdogs write
+    their stacks and exit 86; launch.sh requeues like a preemption and the requeued job (no hang)
+    resumes into the same MLflow run and finishes."""
+    uri = f"sqlite:///{cluster.root}/hang.db"
+    job_id = cluster.submit("cs_mixer_tiny", f"data.root={digits_root}", "train.max_steps=10", "train.log_every=2",
+                            "train.hang_timeout_s=5", f"tracking.uri={uri}", RUN_NAME="hung",
+                            TRAIN_TEST_SLOW_RANK="1:1.0", TRAIN_TEST_HANG_AT_STEP="4:1")
+    info = cluster.wait(job_id)
+    run_dir = cluster.runs / "hung"
+    launch = (run_dir / "logs/launch.log").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", launch
+    assert "a rank hung (no optimizer step within its timeout" in launch
+    assert f"stopped (exit 85): requeueing job {job_id} (restart 1 of at most 20)" in launch
+    rank0, rank1 = ((run_dir / f"logs/rank{r}.log").read_text() for r in (0, 1))
+    assert re.search(r"\[straggler\] rank 1 on n2: \d+ ms/step of its own work, [0-9.]+x the median", rank0), rank0
+    for rank, log in ((0, rank0), (1, rank1)):
+        assert f"[hang] rank {rank} on n{rank + 1}: no optimizer step for" in log, log
+        stacks = (run_dir / f"hang/rank{rank}.txt").read_text()
+        assert "after step 4" in stacks and "most recent call first" in stacks
+    assert "in beat" in (run_dir / "hang/rank1.txt").read_text()  # where the test made it stop
+    assert "[resume]" not in rank0 and "step 10/10" in rank0  # no checkpoint before the hang: from step 0 again
+    run = mlflow_run(uri, "hung")  # one run: marked FAILED with the hang, then resumed and finished
+    assert run.info.status == "FINISHED" and "no optimizer step" in run.data.tags["hang"]
+    assert run.data.tags["slurm_restart_count"] == "1" and run.data.tags["straggler_rank1"].startswith("n2")
+    hung_at = re.search(r"\[launch (\S+ \S+)\] a rank hung", launch).group(1)
+    print(f"stacks written, exit 86, requeue decided at {hung_at}; dumps: "
+          f"{[time.strftime('%H:%M:%S', time.localtime((run_dir / f'hang/rank{r}.txt').stat().st_mtime)) for r in (0, 1)]}")
+
+
 # ------------------------------------------------------------------ sweeps: job arrays under one MLflow parent
 def sweep(cluster, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "launch/sweep.py", *args], cwd=REPO, env=cluster.env(),

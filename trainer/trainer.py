@@ -383,7 +383,10 @@ class Trainer:
             self.log(preflight_line)
         if plan.ds_overrides:
             self.log(f"[deepspeed] {cfg.deepspeed.config} overrides: {', '.join(plan.ds_overrides)}")
-        if resume and self.state.tracking_run_id is None:  # checkpointed before the run was created
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0  # the same job, the same arguments
+        if self.state.tracking_run_id is None and (resume or (requeued and cfg.train.resume == "auto")):
+            # checkpointed before the run was created, or a requeued job that had no checkpoint yet (a rank
+            # hung early): the run directory's MLflow run continues, no second run
             self.state.tracking_run_id = run_id_of(self.run_dir)
         self.tracker: Tracker | None = None
         if env.is_main and cfg.tracking.enabled:

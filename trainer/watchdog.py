@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from .preflight import node_name
 
 EXIT_HUNG = 86
 HANG_FLOOR_S = 300.0
@@ -33,10 +34,13 @@ class HangWatchdog:
         self.fixed = timeout_s
         self.timeout = timeout_s or HANG_STARTUP_S
         self.run_dir, self.rank, self.on_hang = run_dir, rank, on_hang
-        self.host = socket.gethostname()
+        self.host = node_name()
         self.step, self.last, self.paused_depth, self.stopped = 0, time.monotonic(), 0, False
-        test_hang = os.environ.get("TRAIN_TEST_HANG_AT_STEP")  # "STEP:RANK": that rank blocks after STEP
-        self.test_hang = tuple(int(v) for v in test_hang.split(":")) if test_hang else None
+        # test-only "STEP:RANK": that rank blocks after STEP, in a job's first run only (a requeued job,
+        # SLURM_RESTART_COUNT >= 1, runs through)
+        test_hang = os.environ.get("TRAIN_TEST_HANG_AT_STEP")
+        first_run = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+        self.test_hang = tuple(int(v) for v in test_hang.split(":")) if test_hang and first_run else None
         threading.Thread(target=self._watch, name="hang-watchdog", daemon=True).start()
 
     def beat(self, step: int) -> None:
