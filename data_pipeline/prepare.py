@@ -142,6 +142,51 @@ def write_synthetic(out: Path, count: int, classes: int, width: int, height: int
 
 
 
+SHAPES = ("ring", "plus", "cross")  # o, +, x: strokes like the digits', new classes
+
+
+def write_shapes(root: str | Path, size: int = 32, train_per_class: int = 40, val_per_class: int = 100,
+                 seed: int = 0, quality: int = 95) -> dict[str, int]:
+    """A small 3-class set for fine-tuning demos: light strokes on a dark noisy background, drawn like the
+    digits set but new classes: rings, plus signs and crosses (random size, position, stroke width,
+    +-15 degree tilt, brightness). Few train images on purpose: where pretraining pays.
+    Idempotent: a complete tree is left alone."""
+    from PIL import ImageDraw
+
+    root = Path(root)
+    done = root / ".complete"
+    stamp = f"shapes {','.join(SHAPES)} size={size} train={train_per_class} val={val_per_class} seed={seed}\n"
+    if done.is_file() and done.read_text() == stamp:
+        return {s: sum(1 for _ in (root / s).glob("*/*.JPEG")) for s in ("train", "val")}
+    rng = np.random.default_rng(seed)
+    counts = {"train": 0, "val": 0}
+    big = size * 4  # drawn large, then downsampled: smooth edges
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for shape in SHAPES:
+            out_dir = root / split / shape
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = Image.new("L", (big, big), 0)
+                draw = ImageDraw.Draw(img)
+                r = rng.uniform(0.2, 0.4) * big
+                cx, cy = rng.uniform(r, big - r, size=2)
+                width = int(rng.integers(big // 20, big // 9))
+                if shape == "ring":
+                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=255, width=width)
+                else:
+                    tilt = np.deg2rad(rng.uniform(-15, 15) + (45 if shape == "cross" else 0))
+                    for a in (tilt, tilt + np.pi / 2):
+                        dx, dy = r * np.cos(a), r * np.sin(a)
+                        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=width)
+                pixels = np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32)
+                pixels = (pixels * rng.uniform(0.6, 1.0) + rng.normal(0, 12, pixels.shape)).clip(0, 255)
+                out = out_dir / f"{shape}_{split}_{i:04d}.JPEG"
+                Image.fromarray(pixels.astype(np.uint8), "L").convert("RGB").save(out, quality=quality)
+                counts[split] += 1
+    done.write_text(stamp)
+    return counts
+
+
 def write_digits(root: str | Path, size: int = 32, val_every: int = 5, quality: int = 95) -> dict[str, int]:
     """Write the 1,797 8x8 digits as size x size RGB JPEGs; every `val_every`-th image of each class
     goes to val/. Returns the image count per split. Idempotent: a complete tree is left alone."""

@@ -61,7 +61,7 @@ def overhead(args, env) -> dict:
     torch.manual_seed(0)
     plain = create_model(args.model, img_size=size).to(env.device)
     ddp = DistributedDataParallel(plain)
-    opt = torch.optim.AdamW(param_groups(plain, 0.05), lr=1e-4)  # what build_optimizer makes
+    opt = torch.optim.AdamW(param_groups(plain, 0.05, 1e-4), lr=1e-4)  # what build_optimizer makes
 
     def plain_step():
         loss = loss_fn(ddp(x), y)

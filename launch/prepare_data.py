@@ -1,6 +1,7 @@
 """Prepare datasets in ImageNet's layout (ROOT/{train,val}/<class>/*.JPEG) for every backend.
 
     python launch/prepare_data.py digits    --out data/digits            # demo set, no download
+    python launch/prepare_data.py shapes    --out data/shapes            # 3 classes, for the fine-tuning demo
     python launch/prepare_data.py synthetic --out /tmp/jpegs --count 2000  # JPEGs of a chosen size
     python launch/prepare_data.py verify    --root /data/imagenet [--skip-bad]
     python launch/prepare_data.py ffcv      --root /data/imagenet --out /data/imagenet-ffcv
@@ -25,6 +26,7 @@ from data_pipeline.prepare import (
     verified_samples,
     write_digits,
     write_ffcv,
+    write_shapes,
     write_filelists,
     write_synthetic,
 )
@@ -36,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("digits", help="scikit-learn's bundled 8x8 digits, upscaled to JPEG files")
     p.add_argument("--out", default="data/digits")
     p.add_argument("--size", type=int, default=32, help="output side in pixels")
+    p = sub.add_parser("shapes", help="circles, squares, triangles (3 classes, few train images): fine-tuning demo")
+    p.add_argument("--out", default="data/shapes")
+    p.add_argument("--size", type=int, default=32, help="output side in pixels")
+    p.add_argument("--train-per-class", type=int, default=40)
+    p.add_argument("--val-per-class", type=int, default=100)
     p = sub.add_parser("synthetic", help="random smooth JPEGs of a chosen size and count")
     p.add_argument("--out", required=True)
     p.add_argument("--count", type=int, default=2000)
@@ -64,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--size {args.size}: must be at least 8")
         counts = write_digits(args.out, size=args.size)
         print(f"{args.out}: train {counts['train']} images, val {counts['val']} images, 10 classes")
+    elif args.command == "shapes":
+        if args.size < 8 or args.train_per_class < 1 or args.val_per_class < 1:
+            parser.error("--size >= 8, --train-per-class >= 1 and --val-per-class >= 1 are required")
+        counts = write_shapes(args.out, args.size, args.train_per_class, args.val_per_class)
+        print(f"{args.out}: train {counts['train']} images, val {counts['val']} images, 3 classes")
     elif args.command == "synthetic":
         if args.count < 2 or args.classes < 1 or not 0 < args.val_fraction < 1:
             parser.error("--count >= 2, --classes >= 1 and 0 < --val-fraction < 1 are required")

@@ -53,7 +53,7 @@ def init_linear_and_norm(module: nn.Module) -> None:
 
 def stochastic_depth_rates(drop_path: float, depths: list[int] | tuple[int, ...]) -> list[list[float]]:
     """Per-stage lists of drop-path rates rising linearly from 0 to drop_path over all blocks."""
-    rates = torch.linspace(0, drop_path, sum(depths)).tolist()
+    rates = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()  # cpu: also under a meta-device build
     out, start = [], 0
     for d in depths:
         out.append(rates[start:start + d])

@@ -112,6 +112,24 @@ class S2MLPv2(nn.Module):
         """Nothing beyond norms and biases (the 1-D parameters)."""
         return set()
 
+    def layer_ids(self) -> dict[str, int]:
+        """Depth of each parameter for layer-wise lr decay (timm/BEiT convention): 0 the patch embedding,
+        1..N the blocks in order (a downsample with the next stage's first block), N+1 the norm and head."""
+        firsts = [sum(len(s) for s in self.stages[:i]) + 1 for i in range(len(self.stages))]
+        top = sum(len(s) for s in self.stages) + 1
+        ids = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "patch_embed":
+                ids[name] = 0
+            elif parts[0] == "stages":
+                ids[name] = firsts[int(parts[1])] + int(parts[2])
+            elif parts[0] == "downsamples":
+                ids[name] = firsts[int(parts[1]) + 1]
+            else:
+                ids[name] = top
+        return ids
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch: recompute each block's activations in the backward pass (less memory, ~1/3
         more compute)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +22,37 @@ def build_model(cfg: RunConfig, **overrides) -> nn.Module:
     model = create_model(m.name, **{**args, **overrides})
     model.set_grad_checkpointing(m.grad_checkpointing)
     return model
+
+
+def init_from(model: nn.Module, path: str, log) -> None:
+    """train.init_from: load trained weights by name into a freshly built model. A classifier of another
+    class count starts anew (reported); any other missing, unexpected or differently shaped tensor is an
+    error naming them. Optimizer, schedule and run state are not touched (unlike train.resume)."""
+    from .checkpoint import init_weights
+    from .config import ConfigError
+
+    state, source_model, how = init_weights(Path(path))
+    own = model.state_dict()
+    head = {n for n in own if n.startswith("head.")}
+    reset = sorted(n for n in head if n in state and state[n].shape != own[n].shape)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(n for n in set(own) & set(state) if state[n].shape != own[n].shape and n not in head)
+    if missing or unexpected or wrong:
+        def some(names: list[str]) -> str:
+            return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+        problems = [f"{len(missing)} missing: {some(missing)}" if missing else "",
+                    f"{len(unexpected)} unexpected: {some(unexpected)}" if unexpected else "",
+                    ", ".join(f"{n} {tuple(state[n].shape)} vs {tuple(own[n].shape)}" for n in wrong[:4])
+                    + (f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else "") if wrong else ""]
+        raise ConfigError(f"train.init_from={path} ({source_model}) does not fit model {model.model_name}: "
+                          + "; ".join(p for p in problems if p) + " (only the classifier may differ)")
+    model.load_state_dict({n: (own[n] if n in reset else state[n].to(own[n].dtype)) for n in own})
+    line = f"[init] {len(own) - len(reset)} tensors from {path} ({source_model}; {how})"
+    if reset:
+        old, new = state["head.weight"].shape[0], own["head.weight"].shape[0]
+        line += f"; classifier {old} -> {new} classes, re-initialised: {', '.join(reset)}"
+    log(line)
 
 
 def _clip_without_host_sync() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -43,15 +44,27 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values: `torch.load(weights_only=True)` reads it back
+    (NumPy's key array would need unpickling NumPy's reconstructor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
+def load_rng_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:  # written before the NumPy state was stored as a tensor (2026-12)
+        return torch.load(path, weights_only=False)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -274,7 +287,7 @@ def consolidated_weights(tag_dir: Path, ema: bool = False) -> tuple[dict[str, to
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-shard progress
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return {k: v.float() for k, v in state.items()}, meta
-    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     state = {k: v.float() for k, v in saved["module"].items()}
     fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups")
     if fp32_groups:  # bf16 at ZeRO 0: the module holds bf16 copies; the fp32 master weights, by name
@@ -289,6 +302,33 @@ def consolidated_weights(tag_dir: Path, ema: bool = False) -> tuple[dict[str, to
                                           f"{tuple(tensor.shape)}, the model's is {tuple(state[name].shape)}")
                 state[name] = tensor.float()
     return state, meta
+
+
+def init_weights(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
+    """Weights to start a run from (train.init_from): (state dict, model name, how they were read).
+    Someone else's weights are untrusted input: a safetensors file runs no code, and a checkpoint's
+    fp32 module weights (ZeRO 0-2, fp32 weights: the default autocast policy) are read with
+    torch.load(weights_only=True). Only bf16 weights or ZeRO-3 partitions need DeepSpeed's reader, which
+    unpickles: export such a checkpoint to safetensors where it is trusted, and start from that file."""
+    from models.exported import load_exported
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, header = load_exported(path)
+        return state, header["model"], "safetensors"
+    tag_dir = find_checkpoint(path)
+    meta = check_complete(tag_dir)
+    if meta.get("engine", {}).get("zero_stage", 0) < 3:
+        try:
+            module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{tag_dir}/mp_rank_00_model_states.pt holds more than tensors and plain values "
+                                  f"({str(e).splitlines()[0][:200]}); not unpickled: export it to safetensors "
+                                  "(launch/export.py) where it is trusted, and start from that file") from None
+        if all(v.dtype == torch.float32 for v in module.values()):
+            return dict(module), meta["model"], "checkpoint module weights, torch.load(weights_only=True)"
+    state, meta = consolidated_weights(tag_dir)
+    return state, meta["model"], "checkpoint fp32 master weights via DeepSpeed's reader (unpickles: trusted files only)"
 
 
 def fp32_group_names(engine) -> list[list[str]] | None:

@@ -83,6 +83,7 @@ class OptimConfig:
     eps: float = knob(1e-8, gt=0.0)           # adam/adamw
     momentum: float = knob(0.9, ge=0.0, lt=1.0)  # sgd/momentum
     clip_grad: float | None = knob(None, gt=0.0)  # global grad-norm clip; null: none
+    layer_decay: float | None = knob(None, gt=0.0, le=1.0)  # timm/BEiT layer-wise lr decay (fine-tuning); null: off
 
 
 @dataclass
@@ -120,6 +121,8 @@ class TrainConfig:
     output_dir: str = "runs"
     run_name: str | None = None                  # null: <model>-<timestamp>
     resume: str = "auto"                         # auto | none | path to a checkpoint
+    init_from: str | None = None                 # start from these weights (exported .safetensors or a checkpoint);
+                                                 # fresh optimizer, schedule and state; another head re-initialised
 
 
 @dataclass
@@ -507,6 +510,10 @@ def plan_run(cfg: RunConfig, world_size: int, n_params: int | None = None, check
         raise ConfigError(f"Mixup/CutMix need an even per-rank batch, but train.batch_size resolves to "
                           f"{batch.batch_size} at world size {world_size}: change the batch or set aug.mixup=0 "
                           "and aug.cutmix=0")
+    check_architecture(cfg)
+    if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+        raise ConfigError(f"train.init_from={cfg.train.init_from}: no such file or directory (expected an exported "
+                          ".safetensors file or a checkpoint / run directory)")
     if check_data and cfg.data.backend != "synthetic":
         if not cfg.data.root:
             raise ConfigError(f"data.root is not set: data.backend={cfg.data.backend} needs the dataset's folder")
@@ -517,6 +524,22 @@ def plan_run(cfg: RunConfig, world_size: int, n_params: int | None = None, check
             except DataError as e:
                 raise ConfigError(str(e)) from None
     return plan
+
+
+def check_architecture(cfg: RunConfig) -> None:
+    """Build the model on the meta device (no memory, no time): a resolution or class count the
+    architecture cannot take (CS-Mixer's token-mixing windows need img_size a multiple of 224 at 7x7
+    groups; S2-MLPv2 a multiple of its patch size) is a config error before anything starts."""
+    import torch
+
+    from models import create_model
+
+    try:
+        with torch.device("meta"):
+            create_model(cfg.model.name, num_classes=cfg.model.num_classes, img_size=cfg.model.img_size)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.name={cfg.model.name} with model.img_size={cfg.model.img_size}, "
+                          f"model.num_classes={cfg.model.num_classes}: {e}") from None
 
 
 def find_config(name: str) -> Path:

@@ -22,17 +22,31 @@ def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
     return decay, no_decay
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: float | None = None) -> list[dict]:
+    """Decay / no-decay groups; with layer_decay (timm's --layer-decay, BEiT's convention) one pair per
+    depth, the lr of depth i scaled by layer_decay ** (top - i): the head at the full lr, the stem at
+    the smallest. Each group carries its `lr_scale`; the schedule multiplies every group's own lr."""
     params = dict(model.named_parameters())
     decay, no_decay = decay_split(model)
-    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
-            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+    if layer_decay is None:
+        return [{"params": [params[n] for n in decay], "weight_decay": weight_decay, "lr": lr},
+                {"params": [params[n] for n in no_decay], "weight_decay": 0.0, "lr": lr}]
+    ids = model.layer_ids()
+    top = max(ids.values())
+    groups: dict[tuple[int, bool], dict] = {}
+    for names, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        for n in names:
+            scale = layer_decay ** (top - ids[n])
+            group = groups.setdefault((ids[n], wd > 0), {"params": [], "weight_decay": wd, "lr": lr * scale,
+                                                          "lr_scale": scale, "layer_id": ids[n]})
+            group["params"].append(params[n])
+    return [groups[k] for k in sorted(groups)]
 
 
 def build_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """adamw / adam (decoupled vs L2 weight decay), sgd and momentum (timm: sgd is Nesterov)."""
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = param_groups(model, o.weight_decay, lr, o.layer_decay)
     if o.opt == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps)
     if o.opt == "adam":

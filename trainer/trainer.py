@@ -29,8 +29,16 @@ from data_pipeline import build_loaders, dataset_input
 from data_pipeline.sharding import epoch_end, resumed_epoch_end
 from models import count_params, model_info
 
-from .build import build_engine, build_loss, build_model, compile_enabled, compile_report
-from .checkpoint import Checkpointer, CheckpointError, check_complete, fp32_group_names, set_rng_state, to_universal
+from .build import build_engine, build_loss, build_model, compile_enabled, compile_report, init_from
+from .checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_complete,
+    fp32_group_names,
+    load_rng_state,
+    set_rng_state,
+    to_universal,
+)
 from .config import RunConfig, plan_run
 from .distributed import init_distributed
 from .ema import ModelEma
@@ -182,7 +190,7 @@ class WindowMeter:
             if t.compiled:  # once, after the first steps compiled the model
                 t.log(f"[compile] {t.cfg.train.compile_backend}: {compile_report()}")
         self.windows += 1
-        lr, grad_norm = t.engine.lr_scheduler.get_last_lr()[0], float(t.engine.get_global_grad_norm() or 0)
+        lr, grad_norm = max(t.engine.lr_scheduler.get_last_lr()), float(t.engine.get_global_grad_norm() or 0)
         mfu = mfu_pct(ips, t.flops_per_image, t.peak, t.env.world_size)
         step_ms, data_pct = 1000 * dt / self.steps, 100 * min(1.0, self.data_s / dt)
         t.log(f"epoch {state.epoch} step {state.step}/{t.total_steps} loss {loss:.4f} lr {lr:.3g} "
@@ -345,6 +353,10 @@ class Trainer:
                                          every_steps=c.every_steps, keep_best=c.keep_best,
                                          keep_every_epochs=c.keep_every_epochs, log=self.log)
         resume = resume_point(cfg, self.checkpointer)
+        if cfg.train.init_from and resume:
+            self.log(f"[init] train.init_from={cfg.train.init_from} not applied: resuming {resume[0]}")
+        elif cfg.train.init_from:
+            init_from(model, cfg.train.init_from, self.log)
         self.flops_per_image = train_flops_per_image(model, cfg.model.img_size)
         self.train_loader, self.val_loader = build_loaders(cfg, env.rank, env.world_size, env.device)
         self.step_samples = plan.batch.global_batch
@@ -375,7 +387,9 @@ class Trainer:
                  f"{b.grad_accum} x {env.world_size} ranks = global {b.global_batch}; {self.steps_per_epoch} "
                  f"steps/epoch, {self.total_steps} steps ({cfg.train.epochs} epochs"
                  f"{', max_steps ' + str(cfg.train.max_steps) if cfg.train.max_steps else ''}); lr {b.lr:g} "
-                 f"({b.lr_rule}); {cfg.optim.opt}, {cfg.schedule.sched} schedule; ZeRO stage "
+                 f"({b.lr_rule}); {cfg.optim.opt}"
+                 f"{f' with layer_decay {cfg.optim.layer_decay:g}' if cfg.optim.layer_decay else ''}, "
+                 f"{cfg.schedule.sched} schedule; ZeRO stage "
                  f"{self.engine.zero_optimization_stage()}; {plan.dtype} on {env.device.type}"
                  f"{'; compiled (' + cfg.train.compile_backend + ')' if self.compiled else ''}; data "
                  f"{cfg.data.backend}; MFU against {peak_source}; run dir {self.run_dir}")
@@ -576,11 +590,11 @@ class Trainer:
             state.epoch_end = self.epoch_end
         rng_file = tag_dir / f"rng_rank{env.rank}.pt"
         if rng_file.is_file() and same_size:
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_rng_state(rng_file))
         else:
             seed_everything(self.cfg.train.seed + env.rank + 1_000_003 * state.step)
         if self.ema is not None:
-            self.ema.load_state_dict(torch.load(tag_dir / "ema.pt", map_location=env.device))
+            self.ema.load_state_dict(torch.load(tag_dir / "ema.pt", map_location=env.device, weights_only=True))
         how = "same world size" if same_size else \
             f"world size {env.world_size}, saved at {meta['engine']['world_size']}" + \
             (" (converted to a universal checkpoint)" if load_dir != tag_dir else "")

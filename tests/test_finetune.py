@@ -1,0 +1,138 @@
+"""After training: starting from trained weights (train.init_from), layer-wise lr decay, and the
+resolution and trust checks around them."""
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from models import create_model
+from models.exported import save_exported
+from trainer.build import init_from
+from trainer.checkpoint import load_rng_state, rng_state, set_rng_state
+from trainer.config import ConfigError, find_config, load_config, plan_run
+from trainer.optim import build_scheduler, param_groups
+
+TRAIN = str(REPO / "launch/train.py")
+
+
+def exported(tmp_path, name: str, num_classes: int, seed: int = 1):
+    torch.manual_seed(seed)
+    model = create_model(name, num_classes=num_classes)
+    path = tmp_path / f"{name}-{num_classes}.safetensors"
+    save_exported(path, name, model.state_dict(), {"num_classes": num_classes, "img_size": 32}, step=7)
+    return path, model.state_dict()
+
+
+def test_init_from_loads_by_name_and_reinitialises_another_head(tmp_path):
+    path, trained = exported(tmp_path, "cs_mixer_tiny", 10)
+    torch.manual_seed(2)
+    model = create_model("cs_mixer_tiny", num_classes=3)
+    fresh_head = model.head.weight.detach().clone()
+    lines = []
+    init_from(model, str(path), lines.append)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], trained[k]) for k in state if not k.startswith("head."))
+    assert torch.equal(state["head.weight"], fresh_head) and state["head.weight"].shape == (3, 256)
+    assert lines == [f"[init] {len(state) - 2} tensors from {path} (cs_mixer_tiny; safetensors); "
+                     "classifier 10 -> 3 classes, re-initialised: head.bias, head.weight"]
+
+
+def test_init_from_weights_that_do_not_fit_is_an_error_naming_the_tensors(tmp_path):
+    path, _ = exported(tmp_path, "s2mlpv2_tiny", 10)
+    with pytest.raises(ConfigError, match=r"\(s2mlpv2_tiny\) does not fit model cs_mixer_tiny: \d+ missing: stages\.") as e:
+        init_from(create_model("cs_mixer_tiny", num_classes=10), str(path), print)
+    assert "unexpected: " in str(e.value) and "patch_embed.weight" in str(e.value)
+    # the same family, another width: shapes named, not a load_state_dict traceback
+    torch.manual_seed(0)
+    other = create_model("cs_mixer_tiny", num_classes=10, embed_dim=16)
+    save_exported(tmp_path / "narrow.safetensors", "cs_mixer_tiny", other.state_dict(), {"num_classes": 10})
+    with pytest.raises(ConfigError, match=r"fit model cs_mixer_tiny: norm.bias \(128,\) vs \(256,\), .* \(\+101 more\)"):
+        init_from(create_model("cs_mixer_tiny", num_classes=10), str(tmp_path / "narrow.safetensors"), print)
+
+
+@pytest.mark.parametrize("config, img_size, ok", [
+    ("cs_mixer_t", 448, True),        # 7x7 windows: multiples of 224
+    ("cs_mixer_t", 336, False),       # stage 4 would downsample an odd side
+    ("s2mlpv2_small", 336, True),     # any multiple of the patch size (7) that halves evenly
+    ("s2mlpv2_small", 330, False),
+])
+def test_resolutions_the_architecture_cannot_take_fail_at_start(config, img_size, ok):
+    cfg = load_config(find_config(config), [f"model.img_size={img_size}"])
+    if ok:
+        plan_run(cfg, 8, check_data=False)
+    else:
+        with pytest.raises(ConfigError, match=rf"model.img_size={img_size}.*(odd|not divisible)"):
+            plan_run(cfg, 8, check_data=False)
+
+
+def test_init_from_a_missing_path_fails_at_start(tmp_path):
+    cfg = load_config(find_config("cs_mixer_tiny"), [f"train.init_from={tmp_path}/none.safetensors"])
+    with pytest.raises(ConfigError, match="train.init_from=.*none.safetensors: no such file"):
+        plan_run(cfg, 1, check_data=False)
+
+
+def test_layer_decay_scales_each_depth_and_the_schedule_keeps_the_ratios():
+    model = create_model("s2mlpv2_tiny")  # depths (2, 2): ids 0 (patch embed), 1-4 (blocks), 5 (norm, head)
+    groups = param_groups(model, 0.05, 1e-3, layer_decay=0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["head.weight"])]["lr"] == pytest.approx(1e-3)
+    assert by_param[id(named["patch_embed.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 5)
+    assert by_param[id(named["downsamples.0.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)  # with block 3
+    assert by_param[id(named["stages.1.0.proj.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)
+    assert by_param[id(named["stages.0.0.norm1.weight"])]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(named)
+    cfg = load_config(find_config("s2mlpv2_tiny"), ["optim.layer_decay=0.5"])
+    opt = torch.optim.AdamW(groups)
+    sched = build_scheduler(cfg, opt, 1e-3, steps_per_epoch=10, total_steps=100)
+    for _ in range(37):
+        opt.step()
+        sched.step()
+    lrs = sched.get_last_lr()
+    assert all(lr / g["lr_scale"] == pytest.approx(max(lrs)) for lr, g in zip(lrs, groups))
+    # without layer decay: the two groups of before, at the full lr
+    assert [g["lr"] for g in param_groups(model, 0.05, 1e-3)] == [1e-3, 1e-3]
+
+
+def test_rng_state_reads_back_without_unpickling_code(tmp_path):
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    torch.load(tmp_path / "rng.pt", weights_only=True)  # plain tensors and values only
+    set_rng_state(load_rng_state(tmp_path / "rng.pt"))
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+@pytest.mark.slow
+def test_fine_tune_from_a_10_class_checkpoint_into_a_3_class_head(tmp_path, digits_root):
+    """A digits run's checkpoint directory (ZeRO-2, fp32 weights) starts a 3-class run on the shapes set:
+    read with weights_only=True, head re-initialised, and a fresh optimizer, schedule and step count."""
+    from data_pipeline.prepare import write_shapes
+
+    write_shapes(tmp_path / "shapes", train_per_class=16, val_per_class=8)
+    common = (f"train.output_dir={tmp_path}", "tracking.enabled=false", "data.workers=1")
+    digits = run_script(TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", "train.run_name=digits",
+                        "train.max_steps=3", *common, cwd=tmp_path)
+    assert digits.returncode == 0, digits.stderr[-3000:]
+    tuned = run_script(TRAIN, "--config", "finetune_shapes", f"data.root={tmp_path / 'shapes'}",
+                       f"train.init_from={tmp_path / 'digits'}", "train.run_name=tuned", "train.epochs=4", *common,
+                       cwd=tmp_path)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    out = tuned.stdout
+    assert re.search(rf"\[init\] \d+ tensors from {tmp_path / 'digits'} \(cs_mixer_tiny; checkpoint module weights, "
+                     r"torch\.load\(weights_only=True\)\); classifier 10 -> 3 classes, re-initialised: head\.bias, "
+                     r"head\.weight", out), out
+    assert "adamw with layer_decay 0.75" in out and "[resume]" not in out
+    assert re.search(r"epoch 0 step 3 val top1", out), out  # the step count starts at 0 again
+    # a restart of the fine-tune resumes its own checkpoint; init_from is not applied again
+    again = run_script(TRAIN, "--config", "finetune_shapes", f"data.root={tmp_path / 'shapes'}",
+                       f"train.init_from={tmp_path / 'digits'}", "train.run_name=tuned", "train.epochs=5", *common,
+                       cwd=tmp_path)
+    assert again.returncode == 0 and "[init] train.init_from=" in again.stdout and "not applied: resuming" in again.stdout
