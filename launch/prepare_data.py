@@ -26,8 +26,8 @@ from data_pipeline.prepare import (
     verified_samples,
     write_digits,
     write_ffcv,
-    write_shapes,
     write_filelists,
+    write_shapes,
     write_synthetic,
 )
 

@@ -129,7 +129,7 @@ class CSMixer(nn.Module):
             raise ValueError(f"CSMixer: depths {depths} and num_heads {num_heads} differ in length")
         if img_size % 4:
             raise ValueError(f"CSMixer: img_size {img_size} is not divisible by the stem's stride 4")
-        self.num_classes = num_classes
+        self.num_classes, self.img_size = num_classes, img_size
         self.grad_checkpointing = False
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.num_features = dims[-1]

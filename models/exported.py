@@ -39,3 +39,47 @@ def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         raise ValueError(f"{path} was not written by launch/export.py (no '{FORMAT}' header); "
                          "load it with safetensors and model.load_state_dict instead")
     return state, {k: (v if k in ("format", "model") else json.loads(v)) for k, v in header.items()}
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, img_size: int, opset: int = 18) -> None:
+    """The model (fp32, eval) as ONNX with a dynamic batch axis: input `images` (N, 3, H, W), normalised as
+    in training; output `logits` (N, classes). torch.export-based exporter (needs onnxscript)."""
+    import contextlib
+    import io
+    import logging
+
+    model = model.eval().float()
+    example = torch.randn(2, 3, img_size, img_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    import warnings
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # it narrates each stage
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example,), str(tmp), input_names=["images"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: batch}}, opset_version=opset, dynamo=True, external_data=False)
+    tmp.replace(path)
+
+
+def onnx_parity(path: str | Path, model: torch.nn.Module, img_size: int, batches: tuple[int, ...] = (1, 5)) -> float:
+    """Max |logit difference| between onnxruntime (CPU) and the PyTorch model, over random batches of
+    the given sizes (more than one: the batch axis really is dynamic)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    model = model.eval().float()
+    for n in batches:
+        x = torch.randn(n, 3, img_size, img_size, generator=gen)
+        with torch.no_grad():
+            ref = model(x)
+        out = torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+        if out.shape != ref.shape:
+            raise ValueError(f"{path}: onnxruntime gave logits of shape {tuple(out.shape)} for a batch of {n}, "
+                             f"PyTorch {tuple(ref.shape)}")
+        worst = max(worst, (out - ref).abs().max().item())
+    return worst

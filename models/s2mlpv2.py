@@ -94,7 +94,7 @@ class S2MLPv2(nn.Module):
                 raise ValueError(f"S2MLPv2: stage {i + 1} downsamples a side of {side}, which is odd "
                                  f"(img_size {img_size}, patch size {patch_size})")
             side //= 2
-        self.num_classes = num_classes
+        self.num_classes, self.img_size = num_classes, img_size
         self.grad_checkpointing = False
         self.num_features = embed_dims[-1]
         self.patch_embed = nn.Conv2d(in_chans, embed_dims[0], patch_size, stride=patch_size)
