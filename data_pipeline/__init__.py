@@ -122,10 +122,11 @@ def default_device() -> torch.device:
 
 
 def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None = None,
-                  train: bool = True) -> tuple[Loader | None, Loader]:
+                  train: bool = True, val_samples: list[tuple[str, int]] | None = None) -> tuple[Loader | None, Loader]:
     """(train, val) loaders for `cfg.data.backend`, sharded for this rank. `cfg` is resolved
     (trainer.config.resolved): train.batch_size is the per-rank batch. train=False builds the val
-    loader only (None for train), so evaluation needs only ROOT/val (or val.beton)."""
+    loader only (None for train), so evaluation needs only ROOT/val (or val.beton). val_samples
+    (folder and DALI backends, train=False): these (path, label) instead of ROOT/val, in this order."""
     device = device or default_device()
     info = model_info(cfg.model.name)
     d, bs, seed, size = cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.model.img_size
@@ -136,6 +137,23 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         train_src = SyntheticSource(bs, world_size, d.synthetic_size, size, cfg.model.num_classes, seed + rank, device)
         val_src = SyntheticSource(bs, world_size, n_val, size, cfg.model.num_classes, seed + 10_007 + rank, device)
         normalized = False
+    elif val_samples is not None and d.backend in ("folder", "dali"):  # launch/evaluate.py: any tree or file list
+        if train:
+            raise ValueError("val_samples is for evaluation only (train=False)")
+        if d.backend == "dali":
+            require("nvidia.dali", "dali")
+        from .folder import FolderSource
+        common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
+                      img_size=size, interpolation=d.interpolation)
+        if d.backend == "folder":
+            val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
+        else:
+            from .dali_source import DaliSource
+            val_src = DaliSource(val_samples, "the evaluated images", train=False, crop_pct=crop_pct, device=device, **common)
+        train_src, normalized = None, False
+    elif val_samples is not None:
+        raise DataError(f"data.backend={d.backend}: evaluating a file list or another tree needs the folder or dali "
+                        "backend (data.backend=folder)")
     elif not d.root:
         raise DataError(f"data.root is not set: data.backend={d.backend} needs the dataset's folder")
     elif d.backend in ("folder", "dali"):  # both read the JPEG tree: scan it once, check it once
@@ -189,7 +207,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
                                                   augment=d.backend != "synthetic"), device, seed, rank,
                           world_size, bs, mixup_until) if train else None
     val_loader = Loader(val_src, val_stage, device, seed, rank, world_size, bs)
-    if d.backend in ("folder", "dali"):
+    if d.backend in ("folder", "dali") and val_samples is None:
         if train_loader is not None:
             train_loader.bad_files = bad["train"]
         val_loader.bad_files = bad["val"]

@@ -1,13 +1,24 @@
-"""Top-1 / top-5 of a checkpoint on a val set, with any data backend:
+"""Validate a checkpoint as timm's validate.py does: top-1/top-5, per-class accuracy, ReaL labels.
 
     python launch/evaluate.py runs/cs_mixer_l-1234 data.root=/data/imagenet      # a DeepSpeed run/checkpoint
     python launch/evaluate.py runs/x/checkpoints/step_00050000 --ema               # its EMA weights
     python launch/evaluate.py cs_mixer_l.safetensors --config cs_mixer_l data.root=/data/imagenet
-    torchrun --nproc_per_node 8 launch/evaluate.py ...                             # the val set split over ranks
+    python launch/evaluate.py cs_mixer_l.safetensors --data-dir /data/imagenet-v2/matched-frequency
+    python launch/evaluate.py m.safetensors --filelist val_subset.txt --data-dir /data/imagenet/val
+    python launch/evaluate.py m.safetensors data.root=/data/imagenet --real-labels real.json --hflip-tta \\
+        --img-size 256 --crop-pct 1.0 --json result.json
+    torchrun --nproc_per_node 8 launch/evaluate.py ...                             # the images split over ranks
 
-A DeepSpeed checkpoint brings its run's config (data, resolution, crop); an exported file takes
-it from --config (default: configs/<model>.yaml). `section.key=value` overrides apply on top.
-Each val image is counted once, whatever the number of processes.
+Images: data.root's val/ split (any backend), or --data-dir (an ImageNet-layout root with a val/ folder, or
+a split folder of <class>/ folders itself; classes in sorted order as in training), or --filelist (lines
+'relative/path label', relative to --data-dir or to the list's folder); the last two read JPEGs with the
+folder or DALI backend. A DeepSpeed checkpoint brings its run's config (data, resolution, crop); an
+exported file takes it from --config (default: configs/<model>.yaml). `section.key=value` overrides
+apply on top. --img-size and --crop-pct change the eval resolution and centre crop (resize to
+img_size / crop_pct, as timm); the weights must fit the model at that resolution. --hflip-tta averages
+the logits of each image and its mirror. --real-labels: ImageNet-ReaL's real.json (a list in
+ILSVRC2012_val_<n>.JPEG order) or a JSON object {file name: [labels]}; images with no label are left out
+of the ReaL figures, as in the ReaL paper. Each image is counted once, whatever the number of processes.
 """
 from __future__ import annotations
 
@@ -18,19 +29,67 @@ from contextlib import nullcontext
 from pathlib import Path
 
 
+def samples_from(data_dir: Path | None, filelist: Path | None, split: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, label) pairs and class names for --data-dir / --filelist."""
+    from data_pipeline.folder import scan_split
+
+    if filelist is not None:
+        if not filelist.is_file():
+            raise FileNotFoundError(f"--filelist {filelist} does not exist")
+        base = data_dir or filelist.parent
+        samples = []
+        for n, line in enumerate(filelist.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            rel, _, label = line.strip().rpartition(" ")
+            if not rel or not label.isdigit():
+                raise ValueError(f"{filelist}:{n}: expected 'relative/path label', got {line!r}")
+            path = base / rel
+            if not path.is_file():
+                raise FileNotFoundError(f"{filelist}:{n}: {path} does not exist")
+            samples.append((str(path), int(label)))
+        if not samples:
+            raise ValueError(f"--filelist {filelist} lists no images")
+        return samples, [str(i) for i in range(max(label for _, label in samples) + 1)]
+    folder = data_dir / split if (data_dir / split).is_dir() else data_dir
+    return scan_split(folder.parent, folder.name, use_filelist=False)
+
+
+def real_label_sets(path: Path, samples: list[tuple[str, int]]) -> list[list[int]]:
+    """The ReaL label set of each sample, by file name."""
+    data = json.loads(path.read_text())
+    if isinstance(data, list):  # real.json: image i is ILSVRC2012_val_{i+1:08d}.JPEG
+        data = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": labels for i, labels in enumerate(data)}
+    if not isinstance(data, dict):
+        raise ValueError(f"--real-labels {path}: expected a JSON list (real.json) or object {{file name: [labels]}}")
+    missing = [Path(p).name for p, _ in samples if Path(p).name not in data]
+    if missing:
+        raise ValueError(f"--real-labels {path} has no entry for {len(missing)} of the {len(samples)} images, "
+                         f"e.g. {missing[0]}")
+    return [list(data[Path(p).name]) for p, _ in samples]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="run dir, checkpoints/ dir, step_N dir, or an exported .safetensors")
     p.add_argument("--config", help="config for an exported file (default: configs/<model>.yaml)")
     p.add_argument("--ema", action="store_true", help="evaluate a DeepSpeed checkpoint's EMA weights")
+    p.add_argument("--data-dir", type=Path, help="an ImageNet-layout root (with --split) or a split folder")
+    p.add_argument("--split", default="val", help="the split folder under --data-dir (default val)")
+    p.add_argument("--filelist", type=Path, help="'relative/path label' per line")
+    p.add_argument("--img-size", type=int, help="eval resolution (default: the model's / the run's)")
+    p.add_argument("--crop-pct", type=float, help="centre crop fraction (default: the model's / the run's)")
+    p.add_argument("--hflip-tta", action="store_true", help="average the logits of each image and its mirror")
+    p.add_argument("--real-labels", type=Path, help="ImageNet-ReaL real.json, or {file name: [labels]}")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--json", type=Path, help="also write the result as JSON")
+    p.add_argument("--json", type=Path, help="also write the result (with per-class accuracy) as JSON")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_intermixed_args(argv)
 
     import torch
+    import torch.distributed as dist
 
     from data_pipeline import DataError, build_loaders
     from models.exported import load_exported
@@ -38,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.checkpoint import CheckpointError, consolidated_weights, find_checkpoint
     from trainer.config import ConfigError, config_from_dict, find_config, load_config, resolved
     from trainer.distributed import init_distributed, shutdown
-    from trainer.evaluate import evaluate
 
     # evaluation keeps the per-rank batch, whatever the world size the run trained with
     overrides = ["train.global_batch=null", "train.grad_accum=1", *args.overrides]
+    overrides += [f"model.img_size={args.img_size}"] if args.img_size else []
+    overrides += [f"data.crop_pct={args.crop_pct}"] if args.crop_pct else []
     try:
         if args.checkpoint.suffix == ".safetensors":
             state, header = load_exported(args.checkpoint)
@@ -53,28 +113,93 @@ def main(argv: list[str] | None = None) -> int:
             state, meta = consolidated_weights(tag_dir, args.ema)
             name, source = meta["model"], f"{tag_dir} ({'EMA' if args.ema else 'model'} weights)"
             cfg = config_from_dict(meta["config"], overrides, source=f"{tag_dir}/meta.json")
+        samples, classes = (None, None)
+        if args.data_dir or args.filelist:
+            if args.data_dir and not args.data_dir.is_dir():
+                raise FileNotFoundError(f"--data-dir {args.data_dir} does not exist")
+            samples, classes = samples_from(args.data_dir, args.filelist, args.split)
+            top = max(label for _, label in samples)
+            if top >= cfg.model.num_classes:
+                raise DataError(f"{args.filelist or args.data_dir}: label {top} (of {len(classes)} classes) but the "
+                                f"model has {cfg.model.num_classes} classes")
+        if args.real_labels and samples is None:  # the same images, in the order the labels are matched in
+            samples, classes = _val_split(cfg)
+        real = real_label_sets(args.real_labels, samples) if args.real_labels else None
         env = init_distributed()
         cfg = resolved(cfg, env.world_size)
         model = build_model(cfg, drop_path=None)
-        model.load_state_dict(state)
-        _, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device, train=False)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            shapes = "; ".join(line.strip() for line in str(e).splitlines() if "size mismatch" in line)[:400]
+            raise ConfigError(f"{source} does not fit {name} at model.img_size={cfg.model.img_size}: {shapes or e}") \
+                from None
+        _, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device, train=False, val_samples=samples)
+        if classes is None:
+            classes = _val_classes(cfg)
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
     model = model.to(env.device).eval()
-    with torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-        top1, top5 = evaluate(model, val_loader, env.device, torch.float32)
+    top5s, labels = [], []
+    with torch.no_grad(), torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        for images, target in val_loader:
+            logits = model(images.float()).float()
+            if args.hflip_tta:
+                logits = (logits + model(images.float().flip(3)).float()) / 2
+            top5s.append(logits.topk(min(5, logits.shape[1]), dim=1).indices)
+            labels.append(target)
+    preds, labels = torch.cat(top5s), torch.cat(labels)
+    if dist.is_initialized():  # each rank holds a contiguous block of the images, in order (val_shard)
+        gathered = [None] * env.world_size
+        dist.all_gather_object(gathered, (preds.cpu(), labels.cpu()))
+        preds, labels = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
     if env.is_main:
-        result = {"model": name, "checkpoint": source, "backend": cfg.data.backend, "root": cfg.data.root,
-                  "img_size": cfg.model.img_size, "precision": "bf16" if bf16 else "fp32",
-                  "top1": round(top1, 3), "top5": round(top5, 3)}
-        print(f"{name} {source} on {cfg.data.backend}:{cfg.data.root} @ {cfg.model.img_size}px, "
-              f"{result['precision']}: top1 {top1:.2f} top5 {top5:.2f}")
+        preds, labels = preds.cpu(), labels.cpu()
+        hits = preds == labels[:, None]
+        result = {"model": name, "checkpoint": source, "backend": cfg.data.backend,
+                  "images": str(args.filelist or args.data_dir or cfg.data.root), "count": len(labels),
+                  "img_size": cfg.model.img_size, "crop_pct": cfg.data.crop_pct, "hflip_tta": args.hflip_tta,
+                  "precision": "bf16" if bf16 else "fp32",
+                  "top1": round(100 * hits[:, 0].float().mean().item(), 3),
+                  "top5": round(100 * hits.any(dim=1).float().mean().item(), 3)}
+        per_class = {}
+        for c, cname in enumerate(classes):
+            mask = labels == c
+            if mask.any():
+                per_class[cname] = round(100 * hits[mask, 0].float().mean().item(), 3)
+        result["per_class_top1"] = per_class
+        line = (f"{name} {source} on {cfg.data.backend}:{result['images']} ({len(labels)} images) @ {cfg.model.img_size}px, "
+                f"{result['precision']}{', hflip TTA' if args.hflip_tta else ''}: top1 {result['top1']:.2f} "
+                f"top5 {result['top5']:.2f}")
+        if real is not None:
+            keep = [i for i, r in enumerate(real) if r]
+            real_top1 = sum(int(preds[i, 0]) in real[i] for i in keep) / len(keep)
+            real_top5 = sum(any(int(p) in real[i] for p in preds[i]) for i in keep) / len(keep)
+            result.update(real_top1=round(100 * real_top1, 3), real_top5=round(100 * real_top5, 3), real_count=len(keep))
+            line += f"; ReaL top1 {100 * real_top1:.2f} top5 {100 * real_top5:.2f} ({len(keep)} labelled)"
+        worst = sorted(per_class.items(), key=lambda kv: kv[1])[:3]
+        print(line)
+        print("lowest per-class top1: " + ", ".join(f"{c} {a:.1f}" for c, a in worst))
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
     shutdown()
     return 0
+
+
+def _val_split(cfg) -> tuple[list[tuple[str, int]], list[str]]:
+    from data_pipeline.folder import scan_split
+    from trainer.config import ConfigError
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set (or give --data-dir / --filelist)")
+    return scan_split(cfg.data.root, "val")
+
+
+def _val_classes(cfg) -> list[str]:
+    if cfg.data.backend in ("folder", "dali") and cfg.data.root:
+        return _val_split(cfg)[1]
+    return [str(i) for i in range(cfg.model.num_classes)]
 
 
 if __name__ == "__main__":

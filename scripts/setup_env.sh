@@ -53,7 +53,7 @@ pip_install torch==2.13.0
 extras=all
 if ! pkg-config --exists opencv4 2>/dev/null; then
   echo "[setup] WARNING: OpenCV (libopencv-dev) not found: installing without FFCV." >&2
-  extras=dali,tracking,test
+  extras=dali,tracking,export,test
 elif ! "$VENV/bin/python" -c "import ffcv" 2>/dev/null; then
   # FFCV's setup.py imports numpy and pkgconfig at build time.
   pip_install -c constraints.txt numpy pkgconfig cython

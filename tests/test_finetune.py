@@ -1,7 +1,9 @@
-"""After training: starting from trained weights (train.init_from), layer-wise lr decay, and the
-resolution and trust checks around them."""
+"""After training, as timm users work: starting from trained weights (train.init_from), layer-wise lr
+decay, the resolution and trust checks around them; validation (launch/evaluate.py: other trees, file
+lists, flip TTA, per-class and ReaL accuracy); ONNX export and the inference benchmark."""
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -18,6 +20,21 @@ from trainer.config import ConfigError, find_config, load_config, plan_run
 from trainer.optim import build_scheduler, param_groups
 
 TRAIN = str(REPO / "launch/train.py")
+EVALUATE = str(REPO / "launch/evaluate.py")
+EXPORT = str(REPO / "launch/export.py")
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, digits_root):
+    """A short cs_mixer_tiny digits run (one process, ZeRO-2, fp32 weights under autocast): its checkpoint
+    starts the fine-tune and is what evaluate and export read."""
+    out = tmp_path_factory.mktemp("digits_run")
+    run = run_script(TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={out}",
+                     "train.run_name=digits", "train.max_steps=30", "tracking.enabled=false", "data.workers=1",
+                     "aug.mixup=0", "aug.cutmix=0", cwd=out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    top1 = float(re.search(r"^val_top1=([0-9.]+)$", run.stdout, re.M).group(1))
+    return out / "digits", top1
 
 
 def exported(tmp_path, name: str, num_classes: int, seed: int = 1):
@@ -111,28 +128,101 @@ def test_rng_state_reads_back_without_unpickling_code(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tune_from_a_10_class_checkpoint_into_a_3_class_head(tmp_path, digits_root):
+def test_fine_tune_from_a_10_class_checkpoint_into_a_3_class_head(tmp_path, digits_run):
     """A digits run's checkpoint directory (ZeRO-2, fp32 weights) starts a 3-class run on the shapes set:
     read with weights_only=True, head re-initialised, and a fresh optimizer, schedule and step count."""
     from data_pipeline.prepare import write_shapes
 
     write_shapes(tmp_path / "shapes", train_per_class=16, val_per_class=8)
+    digits = digits_run[0]
     common = (f"train.output_dir={tmp_path}", "tracking.enabled=false", "data.workers=1")
-    digits = run_script(TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", "train.run_name=digits",
-                        "train.max_steps=3", *common, cwd=tmp_path)
-    assert digits.returncode == 0, digits.stderr[-3000:]
     tuned = run_script(TRAIN, "--config", "finetune_shapes", f"data.root={tmp_path / 'shapes'}",
-                       f"train.init_from={tmp_path / 'digits'}", "train.run_name=tuned", "train.epochs=4", *common,
+                       f"train.init_from={digits}", "train.run_name=tuned", "train.epochs=4", *common,
                        cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     out = tuned.stdout
-    assert re.search(rf"\[init\] \d+ tensors from {tmp_path / 'digits'} \(cs_mixer_tiny; checkpoint module weights, "
+    assert re.search(rf"\[init\] \d+ tensors from {digits} \(cs_mixer_tiny; checkpoint module weights, "
                      r"torch\.load\(weights_only=True\)\); classifier 10 -> 3 classes, re-initialised: head\.bias, "
                      r"head\.weight", out), out
     assert "adamw with layer_decay 0.75" in out and "[resume]" not in out
     assert re.search(r"epoch 0 step 3 val top1", out), out  # the step count starts at 0 again
     # a restart of the fine-tune resumes its own checkpoint; init_from is not applied again
     again = run_script(TRAIN, "--config", "finetune_shapes", f"data.root={tmp_path / 'shapes'}",
-                       f"train.init_from={tmp_path / 'digits'}", "train.run_name=tuned", "train.epochs=5", *common,
+                       f"train.init_from={digits}", "train.run_name=tuned", "train.epochs=5", *common,
                        cwd=tmp_path)
     assert again.returncode == 0 and "[init] train.init_from=" in again.stdout and "not applied: resuming" in again.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_other_trees_file_lists_flip_tta_per_class_and_real_labels(tmp_path, digits_run, digits_root):
+    run_dir, trained_top1 = digits_run
+
+    def evaluate(*args):
+        out = tmp_path / "r.json"
+        r = run_script(EVALUATE, str(run_dir), *args, "--json", str(out))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(out.read_text()), r.stdout
+
+    plain, _ = evaluate()  # the run's own val set (data.root from its config)
+    assert plain["top1"] == pytest.approx(trained_top1, abs=0.006) and plain["count"] == 355
+    per_class = plain["per_class_top1"]
+    assert sorted(per_class) == [f"digit_{i}" for i in range(10)]
+    counts = {f"digit_{i}": len(list((digits_root / "val" / f"digit_{i}").iterdir())) for i in range(10)}
+    assert sum(per_class[c] * counts[c] for c in counts) / 355 == pytest.approx(plain["top1"], abs=0.01)
+
+    split, _ = evaluate("--data-dir", str(digits_root / "val"))  # a split folder itself
+    assert split["top1"] == plain["top1"] and split["count"] == 355
+    flipped, out = evaluate("--hflip-tta")
+    assert flipped["hflip_tta"] and "hflip TTA" in out and flipped["top1"] != plain["top1"]
+
+    files = sorted((digits_root / "val").glob("*/*.JPEG"))[::7]
+    listing = tmp_path / "subset.txt"
+    listing.write_text("".join(f"{f.parent.name}/{f.name} {int(f.parent.name[-1])}\n" for f in files))
+    subset, _ = evaluate("--filelist", str(listing), "--data-dir", str(digits_root / "val"))
+    assert subset["count"] == len(files)
+
+    # ReaL-style multi-label file: every image's own label -> ReaL top-1 = top-1; one image unlabelled
+    # is left out; all ten labels allowed -> 100
+    images = sorted((digits_root / "val").glob("*/*.JPEG"))
+    real = {f.name: [int(f.parent.name[-1])] for f in images}
+    real[images[0].name] = []
+    (tmp_path / "real.json").write_text(json.dumps(real))
+    r, out = evaluate("--real-labels", str(tmp_path / "real.json"))
+    assert r["real_count"] == 354 and abs(r["real_top1"] - r["top1"]) < 0.5 and "ReaL top1" in out
+    (tmp_path / "real_all.json").write_text(json.dumps({f.name: list(range(10)) for f in images}))
+    r, _ = evaluate("--real-labels", str(tmp_path / "real_all.json"))
+    assert r["real_top1"] == 100.0
+
+    bad = run_script(EVALUATE, str(run_dir), "--img-size", "64")  # tiny's mixing windows change with the size
+    assert bad.returncode == 2 and "does not fit cs_mixer_tiny at model.img_size=64" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    (tmp_path / "bad.txt").write_text("digit_0/x.JPEG zero\n")
+    bad = run_script(EVALUATE, str(run_dir), "--filelist", str(tmp_path / "bad.txt"))
+    assert bad.returncode == 2 and "bad.txt:1: expected 'relative/path label'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_onnx_export_gives_the_pytorch_logits_at_any_batch(tmp_path, digits_run):
+    import onnxruntime as ort
+
+    from trainer.checkpoint import consolidated_weights, find_checkpoint
+
+    run_dir, _ = digits_run
+    out = tmp_path / "m.onnx"
+    r = run_script(EXPORT, str(run_dir), "--format", "onnx", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    diff = float(re.search(r"max \|logit difference\| ([0-9.e+-]+)", r.stdout).group(1))
+    assert diff < 1e-4
+    state, _ = consolidated_weights(find_checkpoint(run_dir))
+    model = create_model("cs_mixer_tiny", num_classes=10).eval()
+    model.load_state_dict(state)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        x = torch.randn(n, 3, 32, 32)
+        got = torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+        torch.testing.assert_close(got, model(x).detach(), rtol=1e-4, atol=1e-4)
+    bench = run_script(str(REPO / "launch/bench_infer.py"), "--models", "s2mlpv2_tiny", "--backends",
+                       "eager,onnxruntime", "--iters", "2", "--large-batch", "4")
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    row = next(line.split() for line in bench.stdout.splitlines() if line.startswith("s2mlpv2_tiny"))
+    assert len(row) == 7 and float(row[-1]) < 1e-4  # model, px, 2 x (latency, throughput), parity
