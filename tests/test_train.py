@@ -106,15 +106,15 @@ def ds_run(tmp_path, digits_root, *overrides, nproc=2, name="run", popen=False):
 @pytest.mark.slow
 def test_zero_stages_train_and_agree(tmp_path, digits_root):
     losses = {}
-    for stage in (0, 1, 2, 3):
+    for stage in (0, 2, 3):  # ZeRO-1 runs in the signal-stop and corruption tests
         r = ds_run(tmp_path, digits_root, f"deepspeed.zero_stage={stage}", "train.max_steps=6", name=f"z{stage}")
         assert r.returncode == 0, r.stderr[-3000:]
         losses[stage] = step_losses(r.stdout)
         assert len(losses[stage]) == 6
         first, last = losses[stage][1], losses[stage][6]
         assert last < first, (stage, losses[stage])
-    for stage in (2, 3):  # bf16 reductions run in another order per stage: equal to ~1e-4
-        assert losses[stage] == pytest.approx(losses[1], abs=2e-3), (stage, losses)
+    # bf16 reductions run in another order per stage: equal to ~1e-4
+    assert losses[3] == pytest.approx(losses[2], abs=2e-3), losses
 
 
 @pytest.mark.slow
