@@ -10,6 +10,8 @@
 3. The trainer's steady-state images/s as a share of the compiled forward+backward figure.
 4. The shared augmentation stage on the device (RandAugment m9 n2, erasing, Mixup/CutMix; what
    every backend, DALI included, runs per batch): images/s at batch 128, 224 px.
+5. Inference (launch/bench_infer.py): latency at batch 1 and throughput at 256 for CS-Mixer-T and
+   S2-MLPv2-Small, eager / compiled / onnxruntime (when the ONNX packages import), ONNX parity.
 Writes OUTDIR/gpu_check.json and each step's log; prints a summary. A failed part is recorded in the
 JSON with its error, and the other parts still run.
 """
@@ -153,6 +155,24 @@ def trainer_check(out: Path, model: str, batch: int, steps: int, img_size: int |
     return result
 
 
+def inference_rows(out: Path, gpu: bool) -> dict:
+    """launch/bench_infer.py: latency and throughput, eager / compiled / onnxruntime (when onnx, onnxscript
+    and onnxruntime import). Dry mode: the tiny model, eager only."""
+    import importlib.util
+
+    onnx = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+    args = ["--models", "cs_mixer_t,s2mlpv2_small", "--backends", "eager,compiled" + (",onnxruntime" if onnx else "")] \
+        if gpu else ["--models", "cs_mixer_tiny", "--backends", "eager", "--iters", "2", "--large-batch", "4"]
+    try:
+        r = run([sys.executable, "launch/bench_infer.py", *args, "--json", str(out / "bench_infer.json")],
+                out / "bench_infer.log", 900)
+    except subprocess.TimeoutExpired:
+        return {"error": "bench_infer.py ran past 900 s"}
+    if r.returncode:
+        return {"error": r.stderr[-2000:]}
+    return json.loads((out / "bench_infer.json").read_text())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
@@ -195,6 +215,7 @@ def main() -> int:
     trainer_ips = report["trainer"].get("steady_images_per_s")
     if compiled and trainer_ips and gpu:
         report["trainer_share_of_compiled_fwd_bwd"] = round(trainer_ips / compiled[0]["images_per_s"], 3)
+    report["inference"] = inference_rows(args.out, gpu)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "models"}, indent=1))
     return 0

@@ -245,6 +245,7 @@ def test_gpu_check_dry_mode_writes_its_json(tmp_path):
     assert t["export_parity"]["max_abs_diff"] == 0.0 and t["steady_images_per_s"] > 0
     assert "0 graph break(s)" in t["compile_report"]
     assert report["augment"]["images_per_s"] > 0, report["augment"]
+    assert report["inference"]["rows"][0]["eager_img_s"] > 0, report["inference"]
 
 
 def add_bad_files(root: Path) -> dict[str, str]:
