@@ -57,6 +57,12 @@ def test_export_loads_with_create_model_and_gives_the_engines_logits(tmp_path, d
     state, header = load_exported(out)
     assert header["model"] == "s2mlpv2_tiny" and header["step"] == 4
     assert header["model_args"] == {"num_classes": 10, "img_size": 32}
+    # train.init_from reads the same weights from the checkpoint; bf16 weights and ZeRO-3 partitions need
+    # DeepSpeed's reader (it unpickles), and say so
+    from trainer.checkpoint import init_weights
+    init_state, init_model, how = init_weights(tmp_path / "r")
+    assert init_model == "s2mlpv2_tiny" and "DeepSpeed's reader (unpickles: trusted files only)" in how
+    assert all(torch.equal(init_state[k].to(state[k].dtype), state[k]) for k in state)
 
     script = tmp_path / "engine_logits.py"
     script.write_text(ENGINE_LOGITS)

@@ -287,7 +287,10 @@ def consolidated_weights(tag_dir: Path, ema: bool = False) -> tuple[dict[str, to
         with contextlib.redirect_stdout(io.StringIO()):  # it prints per-shard progress
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return {k: v.float() for k, v in state.items()}, meta
-    saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # bf16 at ZeRO 0: DeepSpeed's optimizer objects beside the weights
+        saved = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     state = {k: v.float() for k, v in saved["module"].items()}
     fp32_groups = (saved.get("optimizer") or {}).get("fp32_groups")
     if fp32_groups:  # bf16 at ZeRO 0: the module holds bf16 copies; the fp32 master weights, by name
@@ -321,11 +324,9 @@ def init_weights(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
     if meta.get("engine", {}).get("zero_stage", 0) < 3:
         try:
             module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{tag_dir}/mp_rank_00_model_states.pt holds more than tensors and plain values "
-                                  f"({str(e).splitlines()[0][:200]}); not unpickled: export it to safetensors "
-                                  "(launch/export.py) where it is trusted, and start from that file") from None
-        if all(v.dtype == torch.float32 for v in module.values()):
+        except pickle.UnpicklingError:  # DeepSpeed objects beside the weights (bf16 at ZeRO 0)
+            module = None
+        if module is not None and all(v.dtype == torch.float32 for v in module.values()):
             return dict(module), meta["model"], "checkpoint module weights, torch.load(weights_only=True)"
     state, meta = consolidated_weights(tag_dir)
     return state, meta["model"], "checkpoint fp32 master weights via DeepSpeed's reader (unpickles: trusted files only)"
