@@ -74,6 +74,9 @@ def bench(name: str, checkpoint: str | None, large: int, iters: int, backends: l
         else:
             net = model.to(device)
             if backend == "compiled":
+                # variants of a family share forward()'s code: without a reset their graphs add up against
+                # dynamo's recompile limit (8), after which it silently runs eager
+                torch._dynamo.reset()
                 t = time.perf_counter()
                 net = torch.compile(net)
             amp = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else nullcontext()

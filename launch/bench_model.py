@@ -48,6 +48,8 @@ def bench(name: str, batch: int, steps: int, warmup: int, bf16: bool, compile_: 
     model.set_grad_checkpointing(grad_checkpointing)
     flops_per_image = train_flops_per_image(model, size)
     act_mb = activation_mb_per_image(model, size, bf16, device)
+    if compile_:  # variants share forward()'s code: their graphs would add up to dynamo's recompile limit
+        torch._dynamo.reset()
     step_model = torch.compile(model, backend=compile_backend) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size, device=device)

@@ -346,6 +346,26 @@ def test_a_hung_rank_dumps_stacks_and_the_job_requeues_and_finishes(cluster, dig
           f"{[time.strftime('%H:%M:%S', time.localtime((run_dir / f'hang/rank{r}.txt').stat().st_mtime)) for r in (0, 1)]}")
 
 
+# ------------------------------------------------------------------ a stop signal after the last step
+def test_a_stop_signal_after_training_finished_does_not_requeue(cluster, digits_root):
+    """SIGUSR2 (the time limit's warning) arrives while rank 0 exports the finished run: the ranks ignore
+    it, the job completes, is not requeued, and the MLflow run is FINISHED (not KILLED)."""
+    uri = f"sqlite:///{cluster.root}/late.db"
+    job_id = cluster.submit("cs_mixer_tiny", f"data.root={digits_root}", "train.max_steps=4",
+                            f"tracking.uri={uri}", "tracking.system_metrics=false", RUN_NAME="late",
+                            TRAIN_TEST_PAUSE_AFTER_TRAINING="6")
+    run_dir = cluster.runs / "late"
+    wait_for_line(run_dir / "logs/rank0.log", r"\[test\] pausing before the export")
+    cluster.signal_batch_shell(job_id, "USR2")
+    info = cluster.wait(job_id)
+    launch = (run_dir / "logs/launch.log").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", launch
+    assert "SIGUSR2: forwarding it to srun" in launch and "requeueing" not in launch and "done: val_top1=" in launch
+    assert (run_dir / "FINISHED").read_text().startswith("step 4 val_top1 ")
+    run = mlflow_run(uri, "late")
+    assert run.info.status == "FINISHED" and run.data.tags["restart_count"] == "0"
+
+
 # ------------------------------------------------------------------ sweeps: job arrays under one MLflow parent
 def sweep(cluster, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "launch/sweep.py", *args], cwd=REPO, env=cluster.env(),

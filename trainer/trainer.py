@@ -650,6 +650,9 @@ def train(cfg: RunConfig) -> TrainResult:
         if trainer.tracker:
             trainer.tracker.finish("FAILED")
         raise
+    if os.environ.get("TRAIN_TEST_PAUSE_AFTER_TRAINING") and not result.preempted:
+        trainer.log("[test] pausing before the export: a stop signal now must change nothing")
+        time.sleep(float(os.environ["TRAIN_TEST_PAUSE_AFTER_TRAINING"]))  # test-only: a late stop signal's window
     if trainer.tracker:
         last = trainer.checkpointer.latest()
         if not result.preempted and cfg.tracking.log_model and last:
