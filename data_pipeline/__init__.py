@@ -131,6 +131,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
     info = model_info(cfg.model.name)
     d, bs, seed, size = cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.model.img_size
     crop_pct = d.crop_pct or info.crop_pct
+    explicit_val = val_samples is not None  # (the scan below reuses the name)
     if d.backend == "synthetic":
         from .synthetic import SyntheticSource
         n_val = max(bs * world_size, d.synthetic_size // 10)
@@ -207,7 +208,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
                                                   augment=d.backend != "synthetic"), device, seed, rank,
                           world_size, bs, mixup_until) if train else None
     val_loader = Loader(val_src, val_stage, device, seed, rank, world_size, bs)
-    if d.backend in ("folder", "dali") and val_samples is None:
+    if d.backend in ("folder", "dali") and not explicit_val:
         if train_loader is not None:
             train_loader.bad_files = bad["train"]
         val_loader.bad_files = bad["val"]

@@ -43,7 +43,8 @@ def ds_engine(model, stage: int, bf16: bool, batch: int, world: int, ds_json: st
         f"deepspeed.zero_stage={stage}", f"deepspeed.bf16={str(bf16).lower()}", "deepspeed.bf16_mode=weights",
         f"train.batch_size={batch}",
         "train.grad_accum=1", "train.global_batch=null", "optim.clip_grad=null", "data.backend=synthetic",
-        "schedule.min_lr=0"])
+        "schedule.min_lr=0", f"model.name={model.model_name}", f"model.img_size={model.img_size}",
+        f"model.num_classes={model.num_classes}"])
     return build_engine(plan_run(cfg, world, count_params(model)), model)
 
 

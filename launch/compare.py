@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(args.uri)
+    from trainer.tracking import store_lock
+    with store_lock(args.uri):  # opening may migrate a SQLite store: not beside a job doing the same
+        client = MlflowClient(args.uri)
     named = [find_run(client, key) for key in args.runs]
     runs = [r for run in named for r in expand_sweep(client, run)]
     sweeps = [r for r in named if r.data.tags.get("sweep.role") == "parent"]

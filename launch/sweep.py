@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from trainer.config import ConfigError, find_config, load_config, plan_run  # noqa: E402
-from trainer.tracking import default_uri, local_artifact_root  # noqa: E402
+from trainer.tracking import default_uri, local_artifact_root, store_lock  # noqa: E402
 
 SWEEP_ROLE_TAG = "sweep.role"  # "parent" on the sweep's own run
 SWEEP_NAME_TAG = "sweep.name"
@@ -213,8 +213,6 @@ def create_parent(uri: str, experiment: str, name: str, configs: list[str], grid
     from mlflow.entities import Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from trainer.tracking import store_lock
-
     with store_lock(uri):
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
@@ -251,7 +249,8 @@ def find_sweep(key: str, uri: str | None, run_root: Path):
     plan_path = run_root / "sweeps" / key / "sweep.json"
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     uri = uri or (plan or {}).get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(str(run_root))
-    client = MlflowClient(uri)
+    with store_lock(uri):  # opening may migrate a SQLite store: not beside a job doing the same
+        client = MlflowClient(uri)
     if plan:
         return client, client.get_run(plan["parent_run_id"]), plan
     try:

@@ -299,3 +299,25 @@ def test_jobs_opening_a_new_sqlite_store_at_once_all_get_their_run(tmp_path):
     assert not any("no system metrics" in e for e in errors), errors
     for run in runs:
         assert run.info.status == "FINISHED" and any(k.startswith("system/") for k in run.data.metrics), run
+
+
+def test_the_off_track_query_opens_the_store_under_the_trackers_lock(tmp_path):
+    """The off-track check opens the store from the training loop. Opening a new SQLite store migrates it,
+    and beside another job's migration that left it half-migrated (seen in the suite: "table
+    _alembic_tmp_params already exists" for every later client). It now waits for the same lock as the
+    trackers: while another holder has the lock, it has not touched the database file."""
+    import threading
+
+    from trainer.tracking import store_lock
+    from trainer.trainer import best_earlier_curve
+
+    db = tmp_path / "m.db"
+    uri = f"sqlite:///{db}"
+    result: list[dict] = []
+    with store_lock(uri):  # another job creating the store
+        query = threading.Thread(target=lambda: result.append(best_earlier_curve(uri, "e", "r", "x", print)))
+        query.start()
+        query.join(3)
+        assert query.is_alive() and not db.exists()  # waiting; the database not opened
+    query.join(120)
+    assert result == [{}] and db.exists()  # then it opened (and created) the store: no runs yet

@@ -288,7 +288,10 @@ def best_earlier_curve(uri: str, experiment: str, recipe: str, this_run: str, lo
     """epoch -> (best val top-1, run name) over the experiment's FINISHED runs tagged with `recipe`."""
     try:
         from mlflow.tracking import MlflowClient
-        client = MlflowClient(uri)
+
+        from .tracking import store_lock
+        with store_lock(uri):  # opening a SQLite store may migrate it: never beside another job's migration
+            client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             return {}
