@@ -131,51 +131,39 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
     info = model_info(cfg.model.name)
     d, bs, seed, size = cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.model.img_size
     crop_pct = d.crop_pct or info.crop_pct
-    explicit_val = val_samples is not None  # (the scan below reuses the name)
+    explicit_val = val_samples is not None
     if d.backend == "synthetic":
         from .synthetic import SyntheticSource
         n_val = max(bs * world_size, d.synthetic_size // 10)
         train_src = SyntheticSource(bs, world_size, d.synthetic_size, size, cfg.model.num_classes, seed + rank, device)
         val_src = SyntheticSource(bs, world_size, n_val, size, cfg.model.num_classes, seed + 10_007 + rank, device)
         normalized = False
-    elif val_samples is not None and d.backend in ("folder", "dali"):  # launch/evaluate.py: any tree or file list
-        if train:
-            raise ValueError("val_samples is for evaluation only (train=False)")
-        if d.backend == "dali":
-            require("nvidia.dali", "dali")
-        from .folder import FolderSource
-        common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
-                      img_size=size, interpolation=d.interpolation)
-        if d.backend == "folder":
-            val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
-        else:
-            from .dali_source import DaliSource
-            val_src = DaliSource(val_samples, "the evaluated images", train=False, crop_pct=crop_pct, device=device, **common)
-        train_src, normalized = None, False
-    elif val_samples is not None:
+    elif explicit_val and (train or d.backend not in ("folder", "dali")):
         raise DataError(f"data.backend={d.backend}: evaluating a file list or another tree needs the folder or dali "
-                        "backend (data.backend=folder)")
-    elif not d.root:
+                        "backend (data.backend=folder), and no train loader")
+    elif not d.root and not explicit_val:
         raise DataError(f"data.root is not set: data.backend={d.backend} needs the dataset's folder")
-    elif d.backend in ("folder", "dali"):  # both read the JPEG tree: scan it once, check it once
+    elif d.backend in ("folder", "dali"):  # both read JPEG files: ROOT/{train,val} scanned once, checked once
         if d.backend == "dali":
             require("nvidia.dali", "dali")
         from .folder import FolderSource, check_same_classes, filelist_path, scan_split, screen
-        train_samples, train_classes = scan_split(d.root, "train") if train else (None, None)
-        val_samples, val_classes = scan_split(d.root, "val")
         bad: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
-        for split in ("train", "val") if train else ("val",):  # an unverified tree: a cheap check of every file
-            if not filelist_path(d.root, split).is_file():
-                kept, bad[split] = screen(train_samples if split == "train" else val_samples)
-                if split == "train":
-                    train_samples = kept
-                else:
-                    val_samples = kept
-        if train:
-            check_same_classes(d.root, train_classes, val_classes)
-        if len(val_classes) != cfg.model.num_classes:
-            raise DataError(f"data.root {d.root} has {len(val_classes)} classes but model.num_classes="
-                            f"{cfg.model.num_classes}")
+        train_samples = None
+        if not explicit_val:
+            train_samples, train_classes = scan_split(d.root, "train") if train else (None, None)
+            val_samples, val_classes = scan_split(d.root, "val")
+            for split in ("train", "val") if train else ("val",):  # an unverified tree: a cheap check of every file
+                if not filelist_path(d.root, split).is_file():
+                    kept, bad[split] = screen(train_samples if split == "train" else val_samples)
+                    if split == "train":
+                        train_samples = kept
+                    else:
+                        val_samples = kept
+            if train:
+                check_same_classes(d.root, train_classes, val_classes)
+            if len(val_classes) != cfg.model.num_classes:
+                raise DataError(f"data.root {d.root} has {len(val_classes)} classes but model.num_classes="
+                                f"{cfg.model.num_classes}")
         common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
                       img_size=size, interpolation=d.interpolation)
         if d.backend == "folder":
@@ -186,8 +174,8 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
             from .dali_source import DaliSource
             train_src = DaliSource(train_samples, f"{d.root}/train", train=True, scale=d.scale, ratio=d.ratio,
                                    hflip=d.hflip, device=device, **common) if train else None
-            val_src = DaliSource(val_samples, f"{d.root}/val", train=False, crop_pct=crop_pct, device=device,
-                                 **common)
+            val_src = DaliSource(val_samples, "the evaluated images" if explicit_val else f"{d.root}/val",
+                                 train=False, crop_pct=crop_pct, device=device, **common)
         normalized = False
     elif d.backend == "ffcv":
         require("ffcv", "ffcv")
@@ -208,7 +196,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
                                                   augment=d.backend != "synthetic"), device, seed, rank,
                           world_size, bs, mixup_until) if train else None
     val_loader = Loader(val_src, val_stage, device, seed, rank, world_size, bs)
-    if d.backend in ("folder", "dali") and not explicit_val:
+    if d.backend in ("folder", "dali"):
         if train_loader is not None:
             train_loader.bad_files = bad["train"]
         val_loader.bad_files = bad["val"]

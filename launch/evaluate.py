@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline import DataError, build_loaders
     from models.exported import load_exported
     from trainer.build import build_model
-    from trainer.checkpoint import CheckpointError, consolidated_weights, find_checkpoint
+    from trainer.checkpoint import CheckpointError, consolidated_weights, find_checkpoint, state_mismatch
     from trainer.config import ConfigError, config_from_dict, find_config, load_config, resolved
     from trainer.distributed import init_distributed, shutdown
 
@@ -128,12 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         env = init_distributed()
         cfg = resolved(cfg, env.world_size)
         model = build_model(cfg, drop_path=None)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            shapes = "; ".join(line.strip() for line in str(e).splitlines() if "size mismatch" in line)[:400]
-            raise ConfigError(f"{source} does not fit {name} at model.img_size={cfg.model.img_size}: {shapes or e}") \
-                from None
+        problems = state_mismatch(model.state_dict(), state)
+        if problems:
+            raise ConfigError(f"{source} does not fit {name} at model.img_size={cfg.model.img_size}: {problems}")
+        model.load_state_dict(state)
         _, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device, train=False, val_samples=samples)
         if classes is None:
             classes = _val_classes(cfg)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import CheckpointError, consolidated_weights, export, find_checkpoint
+from trainer.checkpoint import CheckpointError, consolidated_weights, export, find_checkpoint, state_mismatch
 
 
 def export_onnx_file(source: Path, out: Path | None, ema: bool, img_size: int | None, tolerance: float) -> Path:
@@ -63,12 +63,11 @@ def _rebuilt(model: torch.nn.Module, img_size: int) -> torch.nn.Module:
     from models import create_model
 
     other = create_model(model.model_name, num_classes=model.num_classes, img_size=img_size)
-    own, theirs = model.state_dict(), other.state_dict()
-    wrong = [f"{k} {tuple(own[k].shape)} vs {tuple(theirs[k].shape)}" for k in own if own[k].shape != theirs[k].shape]
-    if wrong:
+    problems = state_mismatch(other.state_dict(), model.state_dict())
+    if problems:
         raise ValueError(f"--img-size {img_size}: {model.model_name} has other weight shapes at that resolution "
-                         f"than at {model.img_size} ({', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''})")
-    other.load_state_dict(own)
+                         f"than at {model.img_size} ({problems})")
+    other.load_state_dict(model.state_dict())
     return other
 
 

@@ -166,19 +166,18 @@ class CSMixer(nn.Module):
     def layer_ids(self) -> dict[str, int]:
         """Depth of each parameter for layer-wise lr decay (timm/BEiT convention): 0 the stem, 1..N the
         blocks in order (a stage's downsample with its first block), N+1 the final norm and head."""
+        befores = [sum(len(s) - 1 for s in self.stages[:i]) for i in range(len(self.stages))]  # blocks before
+        top = sum(len(s) - 1 for s in self.stages) + 1
         ids = {}
         for name, _ in self.named_parameters():
             parts = name.split(".")
             if parts[0] == "stem":
                 ids[name] = 0
-            elif parts[0] == "stages":
-                stage, index = int(parts[1]), int(parts[2])  # index 0: the downsample (Identity in stage 1)
-                before = sum(len(s) - 1 for s in self.stages[:stage])
-                ids[name] = before + max(index, 1)
+            elif parts[0] == "stages":  # stages.i.0 is the downsample (Identity in stage 1), then the blocks
+                ids[name] = befores[int(parts[1])] + max(int(parts[2]), 1)
             else:
-                ids[name] = -1  # norm, head: filled in below
-        top = sum(len(s) - 1 for s in self.stages) + 1
-        return {n: top if i < 0 else i for n, i in ids.items()}
+                ids[name] = top
+        return ids
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch: recompute each block's activations in the backward pass (less memory, ~1/3

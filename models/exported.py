@@ -47,6 +47,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, img_size: int, opset: 
     import contextlib
     import io
     import logging
+    import warnings
 
     model = model.eval().float()
     example = torch.randn(2, 3, img_size, img_size)
@@ -54,8 +55,6 @@ def export_onnx(model: torch.nn.Module, path: str | Path, img_size: int, opset: 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    import warnings
-
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # it narrates each stage
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -28,25 +28,17 @@ def init_from(model: nn.Module, path: str, log) -> None:
     """train.init_from: load trained weights by name into a freshly built model. A classifier of another
     class count starts anew (reported); any other missing, unexpected or differently shaped tensor is an
     error naming them. Optimizer, schedule and run state are not touched (unlike train.resume)."""
-    from .checkpoint import init_weights
+    from .checkpoint import init_weights, state_mismatch
     from .config import ConfigError
 
     state, source_model, how = init_weights(Path(path))
     own = model.state_dict()
     head = {n for n in own if n.startswith("head.")}
-    reset = sorted(n for n in head if n in state and state[n].shape != own[n].shape)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(n for n in set(own) & set(state) if state[n].shape != own[n].shape and n not in head)
-    if missing or unexpected or wrong:
-        def some(names: list[str]) -> str:
-            return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-        problems = [f"{len(missing)} missing: {some(missing)}" if missing else "",
-                    f"{len(unexpected)} unexpected: {some(unexpected)}" if unexpected else "",
-                    ", ".join(f"{n} {tuple(state[n].shape)} vs {tuple(own[n].shape)}" for n in wrong[:4])
-                    + (f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else "") if wrong else ""]
+    problems = state_mismatch(own, state, reshapable=head)
+    if problems:
         raise ConfigError(f"train.init_from={path} ({source_model}) does not fit model {model.model_name}: "
-                          + "; ".join(p for p in problems if p) + " (only the classifier may differ)")
+                          f"{problems} (only the classifier may differ)")
+    reset = sorted(n for n in head if state[n].shape != own[n].shape)
     model.load_state_dict({n: (own[n] if n in reset else state[n].to(own[n].dtype)) for n in own})
     line = f"[init] {len(own) - len(reset)} tensors from {path} ({source_model}; {how})"
     if reset:

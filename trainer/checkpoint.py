@@ -307,6 +307,22 @@ def consolidated_weights(tag_dir: Path, ema: bool = False) -> tuple[dict[str, to
     return state, meta
 
 
+def state_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor], reshapable: set[str] = frozenset()) -> str:
+    """What keeps `given` from loading into a model whose state dict is `own`: missing, unexpected and
+    differently shaped tensors (the first few of each, named), or "" when it fits. Tensors in
+    `reshapable` may differ in shape (a classifier that is re-initialised)."""
+    def some(names: list[str], show=str) -> str:
+        return ", ".join(show(n) for n in names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    wrong = sorted(n for n in set(own) & set(given) if given[n].shape != own[n].shape and n not in reshapable)
+    return "; ".join(p for p in (
+        f"{len(missing)} missing: {some(missing)}" if missing else "",
+        f"{len(unexpected)} unexpected: {some(unexpected)}" if unexpected else "",
+        some(wrong, lambda n: f"{n} {tuple(given[n].shape)} vs {tuple(own[n].shape)}") if wrong else "") if p)
+
+
 def init_weights(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
     """Weights to start a run from (train.init_from): (state dict, model name, how they were read).
     Someone else's weights are untrusted input: a safetensors file runs no code, and a checkpoint's
