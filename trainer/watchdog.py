@@ -90,4 +90,8 @@ class HangWatchdog:
         if self.on_hang is not None:
             with contextlib.suppress(Exception):
                 self.on_hang(what, path)
+        # The other ranks stopped stepping at the same step, so their timers run out within about a step
+        # of ours. Exiting at once makes srun (--kill-on-bad-exit) terminate them before they dump: the
+        # rank that really hung would leave no stacks. Give them that moment.
+        time.sleep(min(30.0, max(3.0, 0.1 * self.timeout)))
         os._exit(EXIT_HUNG)
