@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import time
@@ -27,12 +28,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from models import count_params, create_model, model_info
-from trainer.build import build_engine
+from trainer.build import build_engine, grad_norm_on_demand, set_grad_norm
 from trainer.config import CONFIG_DIR, load_config, plan_run
 from trainer.distributed import init_distributed
 from trainer.losses import SoftTargetCrossEntropy
 from trainer.optim import param_groups
 
+LOG_EVERY = load_config(CONFIG_DIR / "cs_mixer.yaml", []).train.log_every  # the recipe's; norm on those steps
 PAPER_BYTES_PER_PARAM = {0: lambda n: 16.0, 1: lambda n: 4 + 12 / n, 2: lambda n: 2 + 14 / n, 3: lambda n: 16 / n}
 
 
@@ -76,9 +78,11 @@ def overhead(args, env) -> dict:
         engine = ds_engine(create_model(args.model, img_size=size).to(env.device), stage, False, args.batch,
                            env.world_size, args.deepspeed_config)
 
-        def ds_step(engine=engine):
+        def ds_step(engine=engine, on_demand=grad_norm_on_demand(engine), count=itertools.count(1)):
             loss = loss_fn(engine(x), y)
             engine.backward(loss)
+            if on_demand:  # as the trainer: the gradient norm only on the steps it logs
+                set_grad_norm(engine, next(count) % LOG_EVERY == 0)
             engine.step()
         steps[f"deepspeed_zero{stage}"] = ds_step
 

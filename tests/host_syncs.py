@@ -3,8 +3,9 @@
 `.tolist()`, with the line that asked. On a CUDA device each of those waits for the device; on
 this CPU they are counted from the step's Python. Not counted: the input pipeline's host-side
 random draws (CPU generator tensors on a GPU machine too) and torch optimizers' step counters
-(CPU tensors unless capturable). Usage: python tests/host_syncs.py section.key=value ...
-Prints one JSON line: {step: {site: count}}.
+(CPU tensors unless capturable). Also records the steps whose ZeRO-1/2 optimizer computed the gradient norm.
+Usage: python tests/host_syncs.py section.key=value ...
+Prints two lines: HOST_SYNCS {step: {site: count}} and GRAD_NORM_STEPS [step, ...].
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import traceback
 
 import torch
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.config import CONFIG_DIR, load_config
@@ -57,6 +59,16 @@ def tolist(self):
 
 
 torch.Tensor.tolist = tolist
+real_norm = DeepSpeedZeroOptimizer.scaled_global_norm
+norm_steps: list[int] = []
+
+
+def scaled_global_norm(self, *args, **kwargs):
+    norm_steps.append(trainer.state.step + 1)  # the optimizer step being taken
+    return real_norm(self, *args, **kwargs)
+
+
+DeepSpeedZeroOptimizer.scaled_global_norm = scaled_global_norm
 trainer = Trainer(load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", sys.argv[1:]))
 with CountScalarReads():
     trainer.train()
@@ -64,4 +76,5 @@ per_step: dict[int, dict[str, int]] = collections.defaultdict(dict)
 for (step, where), n in calls.items():
     per_step[step][where] = n
 print("HOST_SYNCS " + json.dumps(per_step))
+print("GRAD_NORM_STEPS " + json.dumps(norm_steps))
 shutdown()

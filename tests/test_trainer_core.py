@@ -142,6 +142,22 @@ def test_bucket_sizes_respect_deepspeeds_alignment():
     assert bucket_size(10**10, 500_000_000) == 500_000_000
 
 
+def test_zero_1_2_over_gloo_reduce_partitions_to_their_owners(tmp_path):
+    """On CPU (gloo) ZeRO 1/2 reduce each gradient partition to its owner instead of all-reducing every
+    bucket (use_multi_rank_bucket_allreduce=false, measured faster here); a user's DeepSpeed JSON wins."""
+    def zero(*overrides):
+        cfg = load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["data.backend=synthetic", *overrides])
+        return plan_run(cfg, 2, 1000).ds_config["zero_optimization"]
+
+    assert not torch.cuda.is_available()
+    assert zero("deepspeed.zero_stage=1")["use_multi_rank_bucket_allreduce"] is False
+    assert zero("deepspeed.zero_stage=2")["use_multi_rank_bucket_allreduce"] is False
+    assert "use_multi_rank_bucket_allreduce" not in zero("deepspeed.zero_stage=0")
+    user = tmp_path / "ds.json"
+    user.write_text('{"zero_optimization": {"use_multi_rank_bucket_allreduce": true}}')
+    assert zero("deepspeed.zero_stage=2", f"deepspeed.config={user}")["use_multi_rank_bucket_allreduce"] is True
+
+
 ODD_PARAMS = """
 import torch
 from models import count_params
@@ -376,11 +392,31 @@ def test_no_host_sync_between_log_windows(tmp_path):
                         "tracking.enabled=false", "train.model_ema=true", "optim.clip_grad=0.05",
                         "checkpoint.every_steps=0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    per_step = {int(k): v for k, v in json.loads(result.stdout.split("HOST_SYNCS ")[1]).items()}
+    per_step = {int(k): v for k, v in json.loads(result.stdout.split("HOST_SYNCS ")[1].splitlines()[0]).items()}
     between = {s: v for s, v in per_step.items() if s not in (4, 8)}
     print(f"host syncs per step: {per_step}")
     assert between == {}, between
     assert per_step[4]  # the log window does sync (the counter sees it)
+    assert json.loads(result.stdout.split("GRAD_NORM_STEPS ")[1].splitlines()[0]) == list(range(1, 9))  # clipping
+
+
+@pytest.mark.slow
+def test_without_clipping_only_logged_steps_compute_the_grad_norm(tmp_path):
+    """ZeRO 2 without gradient clipping: DeepSpeed would compute the gradient norm (a pass over every
+    gradient and an all-reduce) at every step; the trainer asks for it only on the steps it logs (4 and
+    8 here), and the logged norm is a real one. No host sync between the windows either."""
+    result = run_script(str(REPO / "tests/host_syncs.py"), "data.backend=synthetic", "data.synthetic_size=1024",
+                        "train.max_steps=8", "train.log_every=4", f"train.output_dir={tmp_path}", "train.run_name=s",
+                        "tracking.enabled=false", "optim.clip_grad=null", "deepspeed.zero_stage=2",
+                        "checkpoint.every_steps=0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    norm_steps = json.loads(result.stdout.split("GRAD_NORM_STEPS ")[1].splitlines()[0])
+    logged = [float(v) for v in re.findall(r"grad_norm ([0-9.]+)", result.stdout)]
+    print(f"grad norm computed at steps {norm_steps}; logged {logged}")
+    assert norm_steps == [4, 8]
+    assert len(logged) == 2 and all(v > 0 for v in logged)
+    per_step = json.loads(result.stdout.split("HOST_SYNCS ")[1].splitlines()[0])
+    assert set(per_step) <= {"4", "8"}, per_step
 
 
 def test_sync_free_clipping_equals_deepspeeds(monkeypatch):

@@ -101,6 +101,22 @@ def build_engine(plan: RunPlan, model: nn.Module, steps_per_epoch: int = 1, tota
     return engine
 
 
+def grad_norm_on_demand(engine) -> bool:
+    """Whether the gradient norm may be left out of steps that do not log it. DeepSpeed's ZeRO-1/2 optimizer
+    computes it every step (a pass over every gradient and an all-reduce) even without clipping; without
+    clipping (or offload) only the logged steps need it, so the trainer switches DeepSpeed's own
+    zero_optimization.compute_grad_norm per step (set_grad_norm)."""
+    opt = engine.optimizer
+    return (hasattr(opt, "compute_grad_norm") and getattr(opt, "clip_grad", 1.0) == 0.0
+            and not getattr(opt, "cpu_offload", True) and not getattr(opt, "zenflow", True))
+
+
+def set_grad_norm(engine, wanted: bool) -> None:
+    """The next optimizer step computes the gradient norm (engine.get_global_grad_norm()) or not; only for an
+    engine where grad_norm_on_demand() holds."""
+    engine.optimizer.compute_grad_norm = wanted
+
+
 def compile_enabled(cfg: RunConfig, device: torch.device) -> bool:
     return cfg.train.compile is True or (cfg.train.compile == "auto" and torch.device(device).type == "cuda")
 

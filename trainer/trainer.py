@@ -29,7 +29,16 @@ from data_pipeline import build_loaders, dataset_input
 from data_pipeline.sharding import epoch_end, resumed_epoch_end
 from models import count_params, model_info
 
-from .build import build_engine, build_loss, build_model, compile_enabled, compile_report, init_from
+from .build import (
+    build_engine,
+    build_loss,
+    build_model,
+    compile_enabled,
+    compile_report,
+    grad_norm_on_demand,
+    init_from,
+    set_grad_norm,
+)
 from .checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -370,6 +379,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         universal = bool(resume) and resume[1]["engine"]["world_size"] != env.world_size and plan.zero_stage > 0
         self.engine = build_engine(plan, model, self.steps_per_epoch, self.total_steps, load_universal=universal)
+        self.norm_on_demand = grad_norm_on_demand(self.engine)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32  # of weights and inputs
         self.bf16_compute = self.dtype == torch.bfloat16 or self.engine.torch_autocast_enabled()
         self.compiled = compile_enabled(cfg, env.device)
@@ -505,6 +515,8 @@ class Trainer:
                 loss = self.loss_fn(engine(images.to(self.dtype)), targets)
                 self.meter.forward_done()
                 engine.backward(loss)
+                if step_done and self.norm_on_demand:  # only the steps that log it compute the gradient norm
+                    set_grad_norm(engine, self.meter.due(state.step + 1) or state.step + 1 >= self.total_steps)
                 engine.step()
                 self.meter.add(loss.detach())
                 if not step_done:
