@@ -3,9 +3,9 @@
     torchrun --standalone --nproc_per_node 2 launch/bench_trainer.py overhead [--model cs_mixer_tiny --batch 64]
     torchrun --standalone --nproc_per_node 2 launch/bench_trainer.py memory   [--model cs_mixer_l --batch 2]
 
-overhead: ms per optimizer step of our DeepSpeed step (engine forward/backward/step at ZeRO 0
-and 1) against a plain PyTorch DDP + AdamW step of the same model, batch, loss and precision,
-windows interleaved so drift hits both alike. Target: DeepSpeed within 10 %.
+overhead: ms per optimizer step of our DeepSpeed step (engine forward/backward/step as the trainer
+takes it, at the --stages given, default 0,1) against a plain PyTorch DDP + AdamW step of the same
+model, batch, loss and precision, windows interleaved so drift hits both alike. Target: within 10 %.
 memory: per rank, the bytes of training state (every live tensor storage after the backward of
 the second step:
 weights, gradients, optimizer moments, master copies, DeepSpeed's flat buffers) at ZeRO 0-3,
