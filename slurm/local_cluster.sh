@@ -75,8 +75,8 @@ SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire=10: a requeued job may start again ~10 s after it ended (default 120 s)
-AuthInfo=socket=$DIR/munge/munge.socket.2,cred_expire=10
+# cred_expire=5 (Slurm's minimum): a requeued job may start again ~5 s after it ended (default 120 s)
+AuthInfo=socket=$DIR/munge/munge.socket.2,cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/pids/slurmctld.internal.pid
@@ -95,7 +95,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 # Node resources come from this file, not from the hardware (two "nodes" share 2 cores).
 SlurmdParameters=config_overrides
-SchedulerParameters=bf_interval=5,sched_interval=5
+SchedulerParameters=bf_interval=1,sched_interval=2
 ReturnToService=2
 FirstJobId=$first
 # Finished jobs stay visible to scontrol for an hour (no slurmdbd here, so no sacct).

@@ -79,12 +79,9 @@ def test_export_loads_with_create_model_and_gives_the_engines_logits(tmp_path, d
     else:  # ZeRO-3 runs linear layers through its own autograd function (matmul + add, not addmm)
         torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-6)
 
-    if not bf16:  # evaluate.py on the export reproduces the trainer's own last val accuracy
+    if not bf16:  # evaluate.py on the export reproduces the trainer's own last val accuracy, from a val set
         trained_top1 = float(run.stdout.strip().splitlines()[-1].removeprefix("val_top1="))
-        ev = run_script(EVALUATE, str(out), "--config", "s2mlpv2_tiny", f"data.root={digits_root}")
-        assert ev.returncode == 0, ev.stderr[-3000:]
-        assert f"top1 {trained_top1:.2f}" in ev.stdout
-        # a val set alone is enough to evaluate (no train/ beside it), with the folder and DALI backends
+        # alone (no train/ beside it), with the folder and DALI backends
         shutil.copytree(digits_root / "val", tmp_path / "val_only/val")
         for backend in ("folder", "dali"):
             ev = run_script(EVALUATE, str(out), "--config", "s2mlpv2_tiny", f"data.root={tmp_path / 'val_only'}",

@@ -199,11 +199,11 @@ def test_two_jobs_at_once_do_not_collide(cluster, tiny_jobs):
 def test_preempted_job_requeues_and_resumes_exactly(cluster, digits_root):
     """SIGUSR2 to the batch shell (what `--signal=B:USR2@T` does): checkpoint, exit 85, requeue, resume; the
     final weights equal those of an uninterrupted run (fp32, same seed, same world size)."""
-    common = (f"data.root={digits_root}", "train.epochs=3", "train.log_every=1", "deepspeed.bf16=false",
+    common = (f"data.root={digits_root}", "train.epochs=2", "train.log_every=1", "deepspeed.bf16=false",
               f"tracking.uri=sqlite:///{cluster.root}/preempt.db")
     ref = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="reference")
     cut = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="preempted")
-    wait_for_line(cluster.runs / "preempted/logs/rank0.log", r"step 3/33 ")
+    wait_for_line(cluster.runs / "preempted/logs/rank0.log", r"step 3/22 ")
     cluster.signal_batch_shell(cut, "USR2")
 
     info = cluster.wait(cut)
@@ -216,14 +216,14 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, digits_root):
     assert f"job {cut} (restart 1 of at most 20)" in launch  # SLURM_RESTART_COUNT=1 in the second run
     log = (cluster.runs / "preempted/logs/rank0.log").read_text()
     stopped = int(re.search(r"\[stop\] signal received: checkpoint \S+ written at step (\d+); exit 85", log).group(1))
-    assert 3 <= stopped < 33
+    assert 3 <= stopped < 22
     assert f"[resume] {cluster.runs}/preempted/checkpoints/step_{stopped:08d}: step {stopped}" in log
     resumed = step_losses(log.split("[resume]")[1])
     full = step_losses((cluster.runs / "reference/logs/rank0.log").read_text())
-    assert sorted(resumed) == list(range(stopped + 1, 34))
+    assert sorted(resumed) == list(range(stopped + 1, 23))
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
     a, b = module_states(cluster.runs / "reference"), module_states(cluster.runs / "preempted")
-    assert (cluster.runs / "preempted/checkpoints/latest").read_text().strip() == "step_00000033"
+    assert (cluster.runs / "preempted/checkpoints/latest").read_text().strip() == "step_00000022"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     run = mlflow_run(f"sqlite:///{cluster.root}/preempt.db", "preempted")  # one MLflow run across the requeue
     assert run.info.status == "FINISHED" and run.data.tags["restart_count"] == "1"
@@ -232,7 +232,7 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, digits_root):
 
     steps = [m.step for m in MlflowClient(f"sqlite:///{cluster.root}/preempt.db").get_metric_history(
         run.info.run_id, "train/loss")]
-    assert sorted(steps) == list(range(1, 34))
+    assert sorted(steps) == list(range(1, 23))
 
 
 # ------------------------------------------------------------------ c: full-size headers
@@ -393,12 +393,12 @@ def test_sweep_array_nests_runs_and_a_preempted_task_resumes_its_own_run(cluster
 
     uri = f"sqlite:///{cluster.root}/sweep.db"
     r = sweep(cluster, "submit", "--config", "cs_mixer_tiny", "--grid", "optim.lr=1e-3,2e-3", "--name", "sw",
-              "--set", f"data.root={digits_root}", "train.epochs=2", "train.log_every=1", "--uri", uri,
+              "--set", f"data.root={digits_root}", "train.epochs=1", "schedule.warmup_epochs=0", "train.log_every=1", "--uri", uri,
               "--sbatch-args", f"--nodes=1 --output={cluster.root}/slurm-%x-%j.out")
     assert r.returncode == 0, r.stdout + r.stderr
     array = re.search(r"submitted cs_mixer_tiny: job array (\d+)", r.stdout).group(1)
     task1 = cluster.runs / "sw-cs_mixer_tiny-1"
-    wait_for_line(task1 / "logs/rank0.log", r"step 3/44 ")
+    wait_for_line(task1 / "logs/rank0.log", r"step 3/22 ")
     cluster.signal_batch_shell(f"{array}_1", "USR2")
     infos = [cluster.wait(f"{array}_{i}") for i in (0, 1)]
     # only task 1 requeued: `scontrol requeue <array id>` (task 1's SLURM_JOB_ID) would requeue task 0 too
@@ -420,8 +420,8 @@ def test_sweep_array_nests_runs_and_a_preempted_task_resumes_its_own_run(cluster
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith("cs_mixer_tiny[")}
     # task  overrides  state  epoch  best-top-1  best-EMA  restarts
-    assert rows["cs_mixer_tiny[0]"][1:4] == ["optim.lr=1e-3", "FINISHED", "2/2"] and rows["cs_mixer_tiny[0]"][-1] == "0"
-    assert rows["cs_mixer_tiny[1]"][1:4] == ["optim.lr=2e-3", "FINISHED", "2/2"] and rows["cs_mixer_tiny[1]"][-1] == "1"
+    assert rows["cs_mixer_tiny[0]"][1:4] == ["optim.lr=1e-3", "FINISHED", "1/1"] and rows["cs_mixer_tiny[0]"][-1] == "0"
+    assert rows["cs_mixer_tiny[1]"][1:4] == ["optim.lr=2e-3", "FINISHED", "1/1"] and rows["cs_mixer_tiny[1]"][-1] == "1"
     assert float(rows["cs_mixer_tiny[1]"][4]) > 25
     assert "every task has ended: parent run marked FINISHED" in r.stdout
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
