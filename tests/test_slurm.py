@@ -393,7 +393,8 @@ def test_sweep_array_nests_runs_and_a_preempted_task_resumes_its_own_run(cluster
 
     uri = f"sqlite:///{cluster.root}/sweep.db"
     r = sweep(cluster, "submit", "--config", "cs_mixer_tiny", "--grid", "optim.lr=1e-3,2e-3", "--name", "sw",
-              "--set", f"data.root={digits_root}", "train.epochs=1", "schedule.warmup_epochs=0", "train.log_every=1", "--uri", uri,
+              "--set", f"data.root={digits_root}", "train.epochs=1", "schedule.warmup_epochs=0", "train.log_every=1",
+              "--uri", uri,
               "--sbatch-args", f"--nodes=1 --output={cluster.root}/slurm-%x-%j.out")
     assert r.returncode == 0, r.stdout + r.stderr
     array = re.search(r"submitted cs_mixer_tiny: job array (\d+)", r.stdout).group(1)

@@ -44,17 +44,13 @@ def test_two_process_training_learns_and_saves_the_run(tmp_path, digits_root):
     assert (run / "checkpoints/latest").read_text().strip() == "step_00000044"
 
 
-def test_another_seed_gives_other_losses(tmp_path, digits_root):
+def test_another_seed_gives_other_losses(tmp_path, digits_root, reference_run):
     """Same seed -> same losses is test_deepspeed_launcher_gives_the_same_run_as_torchrun (two runs, loss
     for loss); here a second seed must change them."""
-    args = ["--config", "s2mlpv2_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
-            "train.max_steps=6", "train.log_every=1", "data.workers=1"]
-    first = run_script(TRAIN, *args, "train.run_name=a", cwd=tmp_path)
-    other = run_script(TRAIN, *args, "train.run_name=c", "train.seed=1", cwd=tmp_path)
-    for r in (first, other):
-        assert r.returncode == 0, r.stderr[-3000:]
-    assert len(losses(first.stdout)) == 6
-    assert losses(first.stdout) != losses(other.stdout)
+    other = ds_run(tmp_path, digits_root, *REFERENCE, "deepspeed.zero_stage=2", "train.seed=1", name="seed1")
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert len(losses(other.stdout)) == 4
+    assert losses(reference_run.stdout) != losses(other.stdout)
 
 
 @pytest.mark.parametrize("override, message", [
