@@ -154,7 +154,8 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
             val_samples, val_classes = scan_split(d.root, "val")
             for split in ("train", "val") if train else ("val",):  # an unverified tree: a cheap check of every file
                 if not filelist_path(d.root, split).is_file():
-                    kept, bad[split] = screen(train_samples if split == "train" else val_samples)
+                    kept, bad[split] = screen(train_samples if split == "train" else val_samples,
+                                             rank=rank, world_size=world_size)
                     if split == "train":
                         train_samples = kept
                     else:

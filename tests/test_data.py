@@ -2,6 +2,7 @@
 the shared sharding, positioning, and data preparation with its bad-input handling."""
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -220,6 +221,37 @@ def test_unreadable_files_fail_with_their_path_or_are_skipped(small_tree, conten
     assert str(truncated) in result.stdout
     assert "[train] wrote" in result.stdout and (small_tree / "train.beton").is_file()
     assert not list(small_tree.glob(".*.tmp-*"))
+
+
+def test_ranks_share_the_screening_of_an_unverified_tree(small_tree, tmp_path):
+    """Two gloo ranks each read every second file's header and exchange what they left out: each file is
+    read once per job, and both ranks get the single-process answer (kept list and bad files, in order)."""
+    for name, data in {"empty": b"", "notimage": b"<html>404</html>"}.items():
+        (small_tree / f"train/class_001/zz_{name}.JPEG").write_bytes(data)
+    script = tmp_path / "screen_ranks.py"
+    script.write_text(f"""
+import json, os, torch.distributed as dist
+from data_pipeline import folder
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+read, sniff = [], folder.sniff_image
+folder.sniff_image = lambda path: read.append(path) or sniff(path)
+samples = folder.scan_split({str(small_tree)!r}, "train")[0]
+kept, bad = folder.screen(samples, rank=rank, world_size=world)
+print("RANK" + str(rank), json.dumps(dict(read=read, kept=kept, bad=bad)))
+dist.destroy_process_group()
+""")
+    result = run_script(str(script), nproc=2, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(result.stdout.split(f"RANK{r} ")[1].splitlines()[0]) for r in (0, 1)]
+    from data_pipeline.folder import scan_split, screen
+    samples = scan_split(small_tree, "train")[0]
+    kept, bad = screen(samples)
+    assert [b[0].rsplit("/", 1)[1] for b in bad] == ["zz_empty.JPEG", "zz_notimage.JPEG"], bad
+    for r in ranks:
+        assert r["kept"] == [list(s) for s in kept] and r["bad"] == [list(b) for b in bad], r
+    assert sorted(ranks[0]["read"] + ranks[1]["read"]) == sorted(p for p, _ in samples)
+    assert len(ranks[0]["read"]) == (len(samples) + 1) // 2
 
 
 def test_structural_problems_fail_at_start(small_tree, tmp_path):

@@ -112,8 +112,9 @@ class WindowMeter:
     def __init__(self, trainer: Trainer) -> None:
         self.t, dev = trainer, trainer.env.device
         self.every = trainer.cfg.train.log_every
-        # loss sum, non-finite flag, stop flag, then each rank's seconds per step outside collectives
-        self.sums = torch.zeros(3 + trainer.env.world_size, device=dev)
+        # loss sum, non-finite flag, stop flag, images replaced (every rank's, at log windows), then each
+        # rank's seconds per step outside collectives
+        self.sums = torch.zeros(4 + trainer.env.world_size, device=dev)
         self.busy_s, self.forward_t0 = 0.0, 0.0
         self.one = torch.ones((), device=dev)
         self.micro, self.steps, self.data_s = 0, 0, 0.0
@@ -158,15 +159,16 @@ class WindowMeter:
             dist.all_reduce(flags, op=dist.ReduceOp.SUM)
             bad, stop = flags.tolist()
         else:
-            self.sums[3 + t.env.rank] = (self.data_s + self.busy_s) / max(1, self.steps)
+            self.sums[3] = float(t.train_loader.decode_failures)  # this rank's so far: the job's total, summed
+            self.sums[4 + t.env.rank] = (self.data_s + self.busy_s) / max(1, self.steps)
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
-            loss_sum, bad, stop, *rank_step_s = self.sums.tolist()
+            loss_sum, bad, stop, replaced, *rank_step_s = self.sums.tolist()
             self.stragglers(rank_step_s)
         if bad:
             return False, bool(stop)
         self.checked = (state.epoch, state.epoch_sample, state.step)
         if log:
-            self._log(loss_sum / t.env.world_size / self.micro)
+            self._log(loss_sum / t.env.world_size / self.micro, int(replaced))
         return True, bool(stop)
 
     def stragglers(self, rank_step_s: list[float]) -> None:
@@ -187,7 +189,7 @@ class WindowMeter:
                 t.tracker.set_tags({f"straggler_rank{r}": f"{t.hosts[r]} {ratio:.1f}x median at step {t.state.step}"
                                     for r, ratio in slow.items()})
 
-    def _log(self, loss: float) -> None:
+    def _log(self, loss: float, replaced_images: int) -> None:
         t, state = self.t, self.t.state
         dt = time.perf_counter() - self.t0 - self.paused_s
         images = self.steps * t.plan.batch.global_batch
@@ -209,7 +211,7 @@ class WindowMeter:
                                    "train/images_per_sec": ips, "train/epoch": state.epoch, "train/mfu": mfu,
                                    "train/step_ms": step_ms, "train/data_wait_pct": data_pct,
                                    "train/skipped_steps": t.engine.skipped_steps,
-                                   "data/replaced_images": t.train_loader.decode_failures}, state.step)
+                                   "data/replaced_images": replaced_images}, state.step)
         self.restart()
 
 
