@@ -1,6 +1,7 @@
 """Counts host syncs per optimizer step of a real Trainer run (one process, CPU): every
 `aten::_local_scalar_dense` (what .item(), bool(), float(), int() of a tensor run) and every
-`.tolist()`, with the line that asked. On a CUDA device each of those waits for the device; on
+`.tolist()`, and every `get_accelerator().synchronize()` (DeepSpeed's timers and ZeRO's overlapped
+reductions call it: a no-op on the CPU accelerator, a device sync on CUDA), with the line that asked. On a CUDA device each of those waits for the device; on
 this CPU they are counted from the step's Python. Not counted: the input pipeline's host-side
 random draws (CPU generator tensors on a GPU machine too) and torch optimizers' step counters
 (CPU tensors unless capturable). Also records the steps whose ZeRO-1/2 optimizer computed the gradient norm.
@@ -15,6 +16,7 @@ import sys
 import traceback
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -59,6 +61,16 @@ def tolist(self):
 
 
 torch.Tensor.tolist = tolist
+accelerator = type(get_accelerator())
+real_synchronize = accelerator.synchronize
+
+
+def synchronize(self, *args, **kwargs):
+    record("synchronize")
+    return real_synchronize(self, *args, **kwargs)
+
+
+accelerator.synchronize = synchronize
 real_norm = DeepSpeedZeroOptimizer.scaled_global_norm
 norm_steps: list[int] = []
 

@@ -51,6 +51,10 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, n_params: int | None = None
         "zero_allow_untested_optimizer": True,  # our torch AdamW with its param groups
         "steps_per_print": 2 ** 31 - 1,         # the trainer logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on unless told) calls get_accelerator().synchronize() in every
+        # engine.forward and engine.step: two device syncs per micro-step on CUDA. The trainer measures
+        # speed itself at its log windows.
+        "timers": {"throughput": {"enabled": False}},
     }
     if cfg.deepspeed.bf16 and cfg.deepspeed.bf16_mode == "autocast":  # fp32 weights, grads and all-reduce
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
