@@ -45,12 +45,12 @@ def timed_pass(make_iter) -> tuple[float, int]:
 
 
 def our_loader(root: Path, backend: str, batch: int, workers: int, size: int, classes: int,
-               auto_augment: str = "none"):
+               auto_augment: str = "none", device: torch.device = torch.device("cpu")):
     cfg = load_config(CONFIG_DIR / "cs_mixer_t.yaml", [
         f"data.backend={backend}", f"data.root={root}", f"data.workers={workers}", f"train.batch_size={batch}",
         "train.global_batch=null", "train.grad_accum=1", f"model.img_size={size}", f"model.num_classes={classes}",
         f"aug.auto_augment={auto_augment}", "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0", "optim.lr=1e-3"])
-    train, _ = build_loaders(resolved(cfg, 1), rank=0, world_size=1, device=torch.device("cpu"))
+    train, _ = build_loaders(resolved(cfg, 1), rank=0, world_size=1, device=device)
     return lambda: iter(train)
 
 
@@ -71,7 +71,8 @@ def bare_ffcv(beton: Path, batch: int, workers: int, size: int):
     return lambda: iter(loader)
 
 
-def bare_dali(root: Path, batch: int, workers: int, size: int, auto_augment: str = "none"):
+def bare_dali(root: Path, batch: int, workers: int, size: int, auto_augment: str = "none",
+              device: torch.device = torch.device("cpu")):
     """DALI's pipeline and iterator with the same work as our dali row: RandomResizedCrop, antialiased
     bicubic resize and flip to uint8 in DALI, then the shared device stage (auto-augment, normalise)
     called directly: no Loader, no sharded file lists, no positioning."""
@@ -80,10 +81,12 @@ def bare_dali(root: Path, batch: int, workers: int, size: int, auto_augment: str
 
     from data_pipeline.augment import DeviceAugment
 
-    @pipeline_def(batch_size=batch, num_threads=workers, device_id=None, seed=0)
+    gpu = device.type == "cuda"
+
+    @pipeline_def(batch_size=batch, num_threads=workers, device_id=device.index or 0 if gpu else None, seed=0)
     def pipe():
         jpegs, labels = fn.readers.file(file_root=str(root / "train"), random_shuffle=True, name="reader")
-        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.decoders.image_random_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
         images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
         images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW",
                                           mirror=fn.random.coin_flip())
@@ -92,7 +95,7 @@ def bare_dali(root: Path, batch: int, workers: int, size: int, auto_augment: str
     it = DALIGenericIterator(pipe(), ["images", "labels"], reader_name="reader",
                              last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
     stage = DeviceAugment(auto_augment=auto_augment, mean=MEAN / 255, std=STD / 255, num_classes=1000, reprob=0,
-                          mixup=0, cutmix=0, smoothing=0)
+                          mixup=0, cutmix=0, smoothing=0, device=device)
 
     def one_pass():
         for out in it:
@@ -108,13 +111,20 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--backends", default="folder,ffcv,dali", help="comma-separated subset")
     p.add_argument("--auto-augment", default="none", help="e.g. rand-m9-mstd0.5-inc1: our loaders apply it")
+    p.add_argument("--images", type=int, default=2000, help="how many JPEGs to generate (without --root)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the loaders' device work runs: cuda = DALI's mixed (nvJPEG) decode and the "
+                        "augmentation stage on the GPU")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
     root = Path(args.root) if args.root else Path(tmp.name) / "jpegs"
     if not args.root:
-        write_synthetic(root, 2000, 10, 500, 375, 0.05, seed=0, workers=os.cpu_count() or 1)
+        write_synthetic(root, args.images, 10, 500, 375, 0.05, seed=0, workers=os.cpu_count() or 1)
     backends = args.backends.split(",")
     rows: list[dict] = []
 
@@ -130,7 +140,7 @@ def main() -> None:
     b, w, s, aa = args.batch, args.workers, args.img_size, args.auto_augment
     classes = len(scan_split(root, "train")[1])
     if "folder" in backends:
-        run("folder (Pillow)", our_loader(root, "folder", b, w, s, classes, aa))
+        run("folder (Pillow)", our_loader(root, "folder", b, w, s, classes, aa, device))
     if "ffcv" in backends:
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the table / JSON
             samples = verified_samples(root, w, skip_bad=False)
@@ -139,16 +149,17 @@ def main() -> None:
                            compress_fraction=0.5, workers=w)
         for side in (256, 500):
             out = Path(tmp.name) / f"ffcv{side}"
-            run(f"ffcv, max side {side}", our_loader(out, "ffcv", b, w, s, classes, aa))
+            run(f"ffcv, max side {side}", our_loader(out, "ffcv", b, w, s, classes, aa, device))
             run(f"  bare FFCV Loader, max side {side}", bare_ffcv(out / "train.beton", b, w, s), True)
     if "dali" in backends:
-        run("dali (CPU mode)", our_loader(root, "dali", b, w, s, classes, aa))
-        run("  bare DALI pipeline + device stage", bare_dali(root, b, w, s, aa), True)
+        run("dali (GPU decode)" if device.type == "cuda" else "dali (CPU mode)",
+            our_loader(root, "dali", b, w, s, classes, aa, device))
+        run("  bare DALI pipeline + device stage", bare_dali(root, b, w, s, aa, device), True)
     folder = next((r["images_per_s"] for r in rows if r["name"].startswith("folder")), None)
     for r in rows:
         r["ratio_to_folder"] = round(r["images_per_s"] / folder, 2) if folder else None
     env = dict(host=platform.node(), cpus=os.cpu_count(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-               root=str(root), workers=w, batch=b, img_size=s)
+               root=str(root), workers=w, batch=b, img_size=s, device=args.device)
     if args.json:
         print(json.dumps(dict(env=env, rows=rows), indent=1))
     else:

@@ -14,6 +14,7 @@ runs bf16 autocast and onnxruntime its CUDA provider when installed (fp32). Late
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -72,7 +73,9 @@ def bench(name: str, checkpoint: str | None, large: int, iters: int, backends: l
             row["onnxruntime_provider"] = providers[0]
             b1, bl = timed(fn, x1, iters, torch.device("cpu")), timed(fn, xl, max(2, iters // 4), torch.device("cpu"))
         else:
-            net = model.to(device)
+            # a copy on the device: Module.to() moves in place, and the onnxruntime row exports `model` with
+            # host inputs (with the model moved to CUDA by an earlier row, every row of the run failed)
+            net = copy.deepcopy(model).to(device) if device != torch.device("cpu") else model
             if backend == "compiled":
                 # variants of a family share forward()'s code: without a reset their graphs add up against
                 # dynamo's recompile limit (8), after which it silently runs eager

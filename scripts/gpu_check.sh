@@ -2,6 +2,7 @@
 # One prepared command for a lent GPU machine (see scripts/gpu_check.py for what it measures):
 #   bash scripts/gpu_check.sh OUTDIR          # on the GPU machine, with its preinstalled torch
 #   bash scripts/gpu_check.sh OUTDIR --cpu    # dry mode on a CPU (what CI runs so the script keeps working)
+#   ... --parts trainer,compiled --budget-s 300   # a subset, a time budget (gpu_check.py --help)
 # The GPU machine has torch but not DeepSpeed and its pure-Python needs: they travel as wheels in .whl/
 # (made here by scripts/gpu_wheels.sh; the device tool's `carry: [".whl"]`) and go to /tmp/site.
 set -euo pipefail

@@ -1,10 +1,11 @@
 """Counts host syncs per optimizer step of a real Trainer run (one process, CPU): every
-`aten::_local_scalar_dense` (what .item(), bool(), float(), int() of a tensor run) and every
-`.tolist()`, and every `get_accelerator().synchronize()` (DeepSpeed's timers and ZeRO's overlapped
-reductions call it: a no-op on the CPU accelerator, a device sync on CUDA), with the line that asked. On a CUDA device each of those waits for the device; on
-this CPU they are counted from the step's Python. Not counted: the input pipeline's host-side
-random draws (CPU generator tensors on a GPU machine too) and torch optimizers' step counters
-(CPU tensors unless capturable). Also records the steps whose ZeRO-1/2 optimizer computed the gradient norm.
+`aten::_local_scalar_dense` (what .item(), bool(), float(), int() of a tensor run), every `.tolist()`
+and every `get_accelerator().synchronize()` (DeepSpeed's timers and ZeRO's overlapped reductions call
+it: a no-op on the CPU accelerator, a device sync on CUDA), with the line that asked. On a CUDA device
+each of those waits for the device; on this CPU they are counted from the step's Python. Not counted:
+the input pipeline's host-side random draws (CPU generator tensors on a GPU machine too) and torch
+optimizers' step counters (CPU tensors unless capturable). Also records the steps whose ZeRO-1/2
+optimizer computed the gradient norm.
 Usage: python tests/host_syncs.py section.key=value ...
 Prints two lines: HOST_SYNCS {step: {site: count}} and GRAD_NORM_STEPS [step, ...].
 """

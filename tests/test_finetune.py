@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -220,3 +221,14 @@ def test_onnx_export_gives_the_pytorch_logits_at_any_batch(tmp_path, digits_run)
     assert bench.returncode == 0, bench.stderr[-3000:]
     row = next(line.split() for line in bench.stdout.splitlines() if line.startswith("s2mlpv2_tiny"))
     assert len(row) == 7 and float(row[-1]) < 1e-4  # model, px, 2 x (latency, throughput), parity
+
+
+def test_bench_infer_keeps_the_model_where_it_was(tmp_path):
+    """An eager row on another device (the meta device stands in for CUDA) before the onnxruntime row: the
+    onnxruntime row still exports the model on the host (a model moved in place made every row fail)."""
+    sys.path.insert(0, str(REPO / "launch"))
+    from bench_infer import bench
+
+    row = bench("cs_mixer_tiny", None, 2, 1, ["eager", "onnxruntime"], torch.device("meta"), tmp_path)
+    print(row)
+    assert row["parity"] < 1e-4 and row["onnxruntime_img_s"] > 0 and "eager_img_s" in row

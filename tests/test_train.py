@@ -230,26 +230,78 @@ def test_compiled_engine_trains_like_eager(tmp_path, digits_root, reference_run)
     assert all(b[s] == pytest.approx(a[s], abs=1e-4) for s in a), (a, b)
 
 
+SITECUSTOMIZE = """import os, sys
+open(os.path.join(os.path.dirname(__file__), f"seen_{os.getpid()}"), "w").write(" ".join(sys.argv))
+"""
+
+
+def carried_site(tmp_path: Path) -> tuple[Path, dict]:
+    """A folder on PYTHONPATH only (as gpu_check.sh's carried wheels are) whose sitecustomize.py records
+    every Python process that sees it: the children that lost the inherited PYTHONPATH leave no record."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "PYTHONPATH": str(site)}
+    return site, env
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_mode_writes_its_json(tmp_path):
-    """scripts/gpu_check.sh --cpu: the prepared GPU check, on this CPU with tiny sizes, so it keeps working."""
-    result = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh"), str(tmp_path), "--cpu"], cwd=REPO,
-                            capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
+    """scripts/gpu_check.sh --cpu: the prepared GPU check, on this CPU with tiny sizes, so it keeps working;
+    every part's children (train.py, export.py, bench_infer.py, ...) see the inherited PYTHONPATH."""
+    site, env = carried_site(tmp_path)
+    result = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh"), str(tmp_path / "out"), "--cpu"], cwd=REPO,
+                            capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["mode"] == "cpu" and "models_error" not in report
-    rows = {(r["model"], r["compile"], r["grad_checkpointing"]): r for r in report["models"]}
-    assert set(rows) == {("cs_mixer_tiny", c, g) for c in (False, True) for g in (False, True)}
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["mode"] == "cpu" and report["parts_skipped"] == {}
+    assert report["parts_run"] == ["trainer", "compiled", "stage", "dali", "models", "inference"]
+    assert {k: v["status"] for k, v in report["parts"].items()} == dict.fromkeys(report["parts_run"], "ok"), \
+        {k: v.get("error") for k, v in report["parts"].items()}
+    assert not [m for m, v in report["imports"].items() if v.startswith("missing")], report["imports"]
+    parts = {k: v["result"] for k, v in report["parts"].items()}
+    rows = {(r["model"], r["compile"], r["grad_checkpointing"]): r for r in parts["compiled"] + parts["models"]}
+    assert set(rows) == {(m, c, g) for m in ("cs_mixer_tiny", "s2mlpv2_tiny") for c in (False, True)
+                         for g in (False, True)}
     assert all(r["images_per_s"] > 0 and r["mfu_pct"] > 0 for r in rows.values())
     assert rows[("cs_mixer_tiny", False, True)]["activation_mb_per_image"] < \
         rows[("cs_mixer_tiny", False, False)]["activation_mb_per_image"]
-    t = report["trainer"]
+    t = parts["trainer"]
     assert t["first_rc"] == 0 and t["resume_rc"] == 0 and t["resumed"], t
     assert t["export_parity"]["max_abs_diff"] == 0.0 and t["steady_images_per_s"] > 0
     assert "0 graph break(s)" in t["compile_report"]
-    assert report["augment"]["images_per_s"] > 0, report["augment"]
-    assert report["inference"]["rows"][0]["eager_img_s"] > 0, report["inference"]
+    assert parts["stage"]["images_per_s"] > 0, parts["stage"]
+    assert {r["name"] for r in parts["dali"]["rows"]} == {"dali (CPU mode)", "  bare DALI pipeline + device stage"}
+    assert parts["inference"]["rows"][0]["eager_img_s"] > 0, parts["inference"]
+    children = [p.read_text() for p in site.glob("seen_*")]
+    for script in ("launch/train.py", "launch/export.py", "engine_vs_export.py", "launch/bench_infer.py",
+                   "launch/bench_data.py", "--run-part trainer"):
+        assert any(script in argv for argv in children), (script, children)
+
+
+def test_gpu_check_budget_leaves_a_json_naming_the_parts_run_and_skipped(tmp_path):
+    """A budget too small for the parts: the part running when it is spent is stopped, the others never
+    start, and the JSON says so (it is rewritten after every part, so a killed check still leaves it)."""
+    _, env = carried_site(tmp_path)
+    # an empty build folder: DeepSpeed's trainer child JIT-builds its shm op (~45 s) and is stopped mid-build
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
+    result = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh"), str(tmp_path / "out"), "--cpu",
+                             "--parts", "inference,trainer,stage", "--budget-s", "20"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    print({k: report[k] for k in ("parts_run", "parts_skipped", "seconds")})
+    assert report["parts_run"] == ["trainer"]  # in order of value, whatever the order asked
+    assert report["parts"]["trainer"]["status"] == "stopped at the budget"
+    assert "still running after" in report["parts"]["trainer"]["error"]
+    assert report["parts_skipped"] == {"stage": "--budget-s 20 spent", "inference": "--budget-s 20 spent"}
+    left = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert left == []  # the part's own children (train.py) were stopped with it
+    assert list((tmp_path / "torch_extensions").glob("*/build.ninja"))  # the build had begun ...
+    assert not list((tmp_path / "torch_extensions").glob("**/lock"))  # ... and left no lock for the next one
+    bad = subprocess.run(["bash", str(REPO / "scripts/gpu_check.sh"), str(tmp_path / "bad"), "--cpu", "--parts",
+                          "trainer,speed"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "--parts: unknown speed; choose from trainer" in bad.stderr
 
 
 def add_bad_files(root: Path) -> dict[str, str]:
