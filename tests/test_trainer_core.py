@@ -441,3 +441,79 @@ def test_sync_free_clipping_equals_deepspeeds(monkeypatch):
         ours(opt, a, norm)
         theirs(opt, b, norm)
         assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1])), (norm, clip)
+
+
+def test_forward_timer_reads_cuda_events_with_one_wait_per_window():
+    """The straggler check's compute time on a GPU comes from CUDA events (stand-ins here that count the
+    waits): their elapsed times, summed per window, with one wait on the window's last event, no host clock."""
+    from trainer.trainer import ForwardTimer
+
+    class Event:
+        made, waits, clock = 0, 0, 0.0
+
+        def __init__(self):
+            Event.made += 1
+            self.at = None
+
+        def record(self):
+            Event.clock += 5.0  # each record: 5 ms of device time later than the one before
+            self.at = Event.clock
+
+        def synchronize(self):
+            Event.waits += 1
+
+        def elapsed_time(self, end):
+            assert self.at is not None and end.at is not None
+            return end.at - self.at
+
+    timer = ForwardTimer(cuda=True, event_factory=Event)
+    for _ in range(3):
+        timer.start()
+        timer.stop()
+    assert timer.read() == pytest.approx(3 * 0.005) and Event.waits == 1
+    for _ in range(2):  # the next window reuses the events
+        timer.start()
+        timer.stop()
+    assert timer.read() == pytest.approx(2 * 0.005) and Event.waits == 2 and Event.made == 6
+    assert timer.read() == 0.0 and Event.waits == 2  # an empty window waits for nothing
+    host = ForwardTimer(cuda=False, event_factory=Event)
+    host.start()
+    host.stop()
+    assert 0 <= host.read() < 1 and Event.made == 6
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [(1, 3, 0), (8, 3, 3), (4, 5, None)])
+def test_each_process_takes_its_own_gpu(monkeypatch, visible, local_rank, expected):
+    """One GPU visible per task (srun --gpus-per-task=1): device 0 whatever the local rank (set_device(3)
+    failed there); all of a node's GPUs visible: the local rank's; more ranks than GPUs: a clear error."""
+    from trainer.distributed import cuda_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    if expected is None:
+        with pytest.raises(RuntimeError, match="local rank 5 but this process sees 4 GPUs"):
+            cuda_device(local_rank)
+    else:
+        assert cuda_device(local_rank) == torch.device("cuda", expected)
+
+
+def test_compile_auto_and_a_missing_compiler(monkeypatch):
+    """train.compile=auto: on with CUDA except at ZeRO-3 (said why); with inductor and no compiler on the
+    node, a ConfigError naming train.compile=false before the first step."""
+    from trainer.build import check_compiler, compile_decision
+
+    cfg = load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["train.compile=auto"])
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert compile_decision(cfg, cuda, 2) == (True, "")
+    on, why = compile_decision(cfg, cuda, 3)
+    assert not on and "ZeRO stage 3" in why and "train.compile=true" in why
+    assert not compile_decision(cfg, cpu, 2)[0]
+    forced = load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["train.compile=true"])
+    assert compile_decision(forced, cuda, 3) == (True, "")
+    check_compiler("inductor", "cuda")  # this machine has gcc
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(ConfigError, match=r"needs a C compiler .* set train.compile=false"):
+        check_compiler("inductor", "cuda")
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler"):
+        check_compiler("inductor", "cpu")
+    check_compiler("aot_eager", "cuda")  # no code generation, no compiler needed

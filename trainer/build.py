@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from models import create_model
 
-from .config import RunConfig, RunPlan
+from .config import ConfigError, RunConfig, RunPlan
 from .losses import SoftTargetCrossEntropy
 from .optim import build_optimizer, build_scheduler
 
@@ -96,7 +97,8 @@ def build_engine(plan: RunPlan, model: nn.Module, steps_per_epoch: int = 1, tota
     if load_universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    if compile_enabled(cfg, engine.device):
+    if compile_enabled(cfg, engine.device, plan.zero_stage):
+        check_compiler(cfg.train.compile_backend, torch.device(engine.device).type)
         engine.compile(backend=cfg.train.compile_backend)
     return engine
 
@@ -117,8 +119,36 @@ def set_grad_norm(engine, wanted: bool) -> None:
     engine.optimizer.compute_grad_norm = wanted
 
 
-def compile_enabled(cfg: RunConfig, device: torch.device) -> bool:
-    return cfg.train.compile is True or (cfg.train.compile == "auto" and torch.device(device).type == "cuda")
+def compile_decision(cfg: RunConfig, device: torch.device, zero_stage: int) -> tuple[bool, str]:
+    """(compile the model?, why train.compile=auto left it off). Auto: on with CUDA, except at ZeRO stage 3,
+    whose parameter hooks torch.compile has broken before (pytorch #115484) and which no GPU run here has
+    measured yet; train.compile=true compiles there too."""
+    if cfg.train.compile != "auto":
+        return bool(cfg.train.compile), ""
+    if torch.device(device).type != "cuda":
+        return False, "train.compile=auto: off without CUDA"
+    if zero_stage == 3:
+        return False, ("train.compile=auto: off at ZeRO stage 3 (torch.compile with ZeRO-3's parameter hooks is "
+                       "not yet measured here; train.compile=true to try it)")
+    return True, ""
+
+
+def compile_enabled(cfg: RunConfig, device: torch.device, zero_stage: int) -> bool:
+    return compile_decision(cfg, device, zero_stage)[0]
+
+
+def check_compiler(backend: str, device_type: str) -> None:
+    """Inductor generates code that a compiler on this node must build at run time: C for Triton's launchers
+    on a GPU, C++ for its CPU kernels. Without one, the first step would fail deep inside torch.compile."""
+    if backend != "inductor":
+        return
+    env, names = ("CC", ("gcc", "clang", "cc")) if device_type == "cuda" else ("CXX", ("g++", "clang++", "c++"))
+    found = [c for c in ((os.environ.get(env) or "").split()[:1] + list(names)) if shutil.which(c)]
+    if not found:
+        raise ConfigError(f"train.compile with train.compile_backend=inductor needs a {'C' if env == 'CC' else 'C++'} "
+                          f"compiler on this node ({env}, or one of {', '.join(names)} on PATH) and none was found: "
+                          "load a compiler module (module load gcc), or set train.compile=false "
+                          "(or train.compile_backend=aot_eager: no code generation)")
 
 
 def compile_report() -> str:

@@ -49,11 +49,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def cuda_device(local_rank: int) -> torch.device:
+    """This process's GPU. Where each task sees only its own GPU (SLURM --gpus-per-task=1 or --gpu-bind,
+    a container per GPU) it is device 0 whatever the local rank; with all of a node's GPUs visible, the
+    local rank's."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise RuntimeError(f"local rank {local_rank} but this process sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one process per GPU "
+                           "(torchrun --nproc_per_node, srun --ntasks-per-node = GPUs per node)")
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed() -> DistEnv:
     rank, local_rank, world, _ = launcher_ranks()
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = cuda_device(local_rank)
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     # DeepSpeed's init reads RANK/WORLD_SIZE/LOCAL_RANK and MASTER_ADDR/PORT: fill them in for srun

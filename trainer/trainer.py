@@ -33,7 +33,7 @@ from .build import (
     build_engine,
     build_loss,
     build_model,
-    compile_enabled,
+    compile_decision,
     compile_report,
     grad_norm_on_demand,
     init_from,
@@ -105,6 +105,45 @@ class StopRequest:
             signal.signal(sig, signal.SIG_IGN)
 
 
+class ForwardTimer:
+    """Each rank's forward time per log window, for the straggler check. On a GPU the host only launches the
+    kernels, so its clock cannot see a slow GPU: CUDA events around each forward, read at the log window
+    (one wait on the window's last event, just before the window's all-reduce waits anyway). On a CPU the
+    host clock is the compute time."""
+
+    def __init__(self, cuda: bool, event_factory=None) -> None:
+        self.cuda = cuda
+        self.make_event = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
+        self.pool: list = []  # (start, end) event pairs, reused window after window
+        self.used, self.host_s, self.t0 = 0, 0.0, 0.0
+
+    def start(self) -> None:
+        if not self.cuda:
+            self.t0 = time.perf_counter()
+            return
+        if self.used == len(self.pool):
+            self.pool.append((self.make_event(), self.make_event()))
+        self.pool[self.used][0].record()
+
+    def stop(self) -> None:
+        if not self.cuda:
+            self.host_s += time.perf_counter() - self.t0
+            return
+        self.pool[self.used][1].record()
+        self.used += 1
+
+    def read(self) -> float:
+        """Seconds of forward in the window so far; starts a new window."""
+        if not self.cuda:
+            seconds, self.host_s = self.host_s, 0.0
+            return seconds
+        if self.used:
+            self.pool[self.used - 1][1].synchronize()  # the window's last forward ended: so did the others
+        seconds = sum(start.elapsed_time(end) for start, end in self.pool[:self.used]) / 1000
+        self.used = 0
+        return seconds
+
+
 class WindowMeter:
     """Per log window: the mean loss, images/s, MFU, DeepSpeed's skipped steps, the non-finite check and
     the stop agreement, all in one all-reduce. Between windows it only adds on the device."""
@@ -115,7 +154,7 @@ class WindowMeter:
         # loss sum, non-finite flag, stop flag, images replaced (every rank's, at log windows), then each
         # rank's seconds per step outside collectives
         self.sums = torch.zeros(4 + trainer.env.world_size, device=dev)
-        self.busy_s, self.forward_t0 = 0.0, 0.0
+        self.forward = ForwardTimer(dev.type == "cuda")
         self.one = torch.ones((), device=dev)
         self.micro, self.steps, self.data_s = 0, 0, 0.0
         self.t0, self.paused_s, self.windows = time.perf_counter(), 0.0, 0
@@ -133,7 +172,7 @@ class WindowMeter:
 
     def forward_done(self) -> None:
         """The forward pass of a micro-batch ended (it began when its batch was handed over)."""
-        self.busy_s += time.perf_counter() - self.forward_t0
+        self.forward.stop()
 
     @contextlib.contextmanager
     def paused(self):
@@ -146,7 +185,7 @@ class WindowMeter:
     def restart(self) -> None:
         self.sums.zero_()
         self.micro, self.steps, self.paused_s, self.data_s, self.t0 = 0, 0, 0.0, 0.0, time.perf_counter()
-        self.busy_s = 0.0
+        self.forward.read()
         self.checked = (self.t.state.epoch, self.t.state.epoch_sample, self.t.state.step)
 
     def check(self, log: bool) -> tuple[bool, bool]:
@@ -160,10 +199,11 @@ class WindowMeter:
             bad, stop = flags.tolist()
         else:
             self.sums[3] = float(t.train_loader.decode_failures)  # this rank's so far: the job's total, summed
-            self.sums[4 + t.env.rank] = (self.data_s + self.busy_s) / max(1, self.steps)
+            self.sums[4 + t.env.rank] = (self.data_s + self.forward.read()) / max(1, self.steps)
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM)
             loss_sum, bad, stop, replaced, *rank_step_s = self.sums.tolist()
-            self.stragglers(rank_step_s)
+            if self.windows:  # the first window holds the warm-up (compilation, loader start): no verdict on it
+                self.stragglers(rank_step_s)
         if bad:
             return False, bool(stop)
         self.checked = (state.epoch, state.epoch_sample, state.step)
@@ -384,7 +424,7 @@ class Trainer:
         self.norm_on_demand = grad_norm_on_demand(self.engine)
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32  # of weights and inputs
         self.bf16_compute = self.dtype == torch.bfloat16 or self.engine.torch_autocast_enabled()
-        self.compiled = compile_enabled(cfg, env.device)
+        self.compiled, compile_note = compile_decision(cfg, env.device, plan.zero_stage)
         self.ema = ModelEma(self.engine.module, cfg.train.model_ema_decay, cfg.train.model_ema_every) \
             if cfg.train.model_ema else None
         self.state = RunState(epoch_end=self.epoch_end)
@@ -408,6 +448,8 @@ class Trainer:
                  f"{self.engine.zero_optimization_stage()}; {plan.dtype} on {env.device.type}"
                  f"{'; compiled (' + cfg.train.compile_backend + ')' if self.compiled else ''}; data "
                  f"{cfg.data.backend}; MFU against {peak_source}; run dir {self.run_dir}")
+        if compile_note and env.device.type == "cuda":
+            self.log(f"[compile] {compile_note}")
         if preflight_line:
             self.log(preflight_line)
         if plan.ds_overrides:
@@ -498,13 +540,13 @@ class Trainer:
                     batch = next(batches, None)
                     if self.test_slow_s:
                         time.sleep(self.test_slow_s)  # test-only: a slow rank
-                    self.meter.forward_t0 = time.perf_counter()
-                    self.meter.data_s += self.meter.forward_t0 - t0  # the step waits for its input
+                    self.meter.data_s += time.perf_counter() - t0  # the step waits for its input
                     if batch is None:
                         break
                     if self.first_batch_grid:
                         self.log_batch_grid(batch[0])
                     i += 1
+                    self.meter.forward.start()
                     yield *batch, i % accum == 0
                 if state.epoch != epoch:
                     break
