@@ -53,13 +53,24 @@ def verified_samples(root: Path, workers: int, skip_bad: bool) -> dict[str, tupl
         kept = [s for s, e in zip(samples, errors) if not e]
         out[split] = (kept, classes)
         counts = Counter(label for _, label in kept)
-        print(f"[{split}] {len(kept)} images in {len(classes)} classes (per class: min {min(counts.values())}, "
-              f"max {max(counts.values())})")
-        print("  " + ", ".join(f"{c} {counts[i]}" for i, c in enumerate(classes)))
+        print(f"[{split}] {len(kept)} images in {len(classes)} classes; {class_summary(counts, classes)}")
         empty = [c for i, c in enumerate(classes) if counts[i] == 0]
         if empty:
             raise PrepareError(f"class folder(s) with no readable image in {root}/{split}: {empty[:10]}")
     return out
+
+
+def class_summary(counts: Counter, classes: list[str], shown: int = 3) -> str:
+    """Images per class in one short line (ImageNet's 1,000 classes listed one by one made a 15 KB line):
+    min, median and max, the classes at the extremes, and how many classes hold under half the median."""
+    per_class = sorted((counts[i], c) for i, c in enumerate(classes))
+    values = [n for n, _ in per_class]
+    median = values[(len(values) - 1) // 2]
+    low = [f"{c} {n}" for n, c in per_class[:shown]]
+    high = [f"{c} {n}" for n, c in per_class[-shown:][::-1]]
+    small = sum(1 for n in values if n < median / 2)
+    return (f"per class: min {values[0]}, median {median}, max {values[-1]} (fewest: {', '.join(low)}; most: "
+            f"{', '.join(high)}){f'; {small} class(es) under half the median' if small else ''}")
 
 
 def write_atomically(path: Path, write) -> None:
