@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from models import count_params, create_model, model_info
-from trainer.build import build_engine, grad_norm_on_demand, set_grad_norm
+from trainer.build import build_engine, compile_enabled, grad_norm_on_demand, set_grad_norm
 from trainer.config import CONFIG_DIR, load_config, plan_run
 from trainer.distributed import init_distributed
 from trainer.losses import SoftTargetCrossEntropy
@@ -38,15 +38,22 @@ LOG_EVERY = load_config(CONFIG_DIR / "cs_mixer.yaml", []).train.log_every  # the
 PAPER_BYTES_PER_PARAM = {0: lambda n: 16.0, 1: lambda n: 4 + 12 / n, 2: lambda n: 2 + 14 / n, 3: lambda n: 16 / n}
 
 
-def ds_engine(model, stage: int, bf16: bool, batch: int, world: int, ds_json: str | None = None):
+def bench_config(model, stage: int, bf16: bool, batch: int, ds_json: str | None = None, compile_: str = "auto",
+                 backend: str = "inductor"):
     """The engine exactly as the trainer builds it (trainer/build.py); bf16 as DeepSpeed's bf16 mode
     (bf16 weights, fp32 master copy in the optimizer): the mixed precision of the ZeRO paper's accounting."""
-    cfg = load_config(CONFIG_DIR / "cs_mixer.yaml", [f"deepspeed.config={ds_json or 'null'}",
+    return load_config(CONFIG_DIR / "cs_mixer.yaml", [f"deepspeed.config={ds_json or 'null'}", f"train.compile={compile_}",
+        f"train.compile_backend={backend}",
         f"deepspeed.zero_stage={stage}", f"deepspeed.bf16={str(bf16).lower()}", "deepspeed.bf16_mode=weights",
         f"train.batch_size={batch}",
         "train.grad_accum=1", "train.global_batch=null", "optim.clip_grad=null", "data.backend=synthetic",
         "schedule.min_lr=0", f"model.name={model.model_name}", f"model.img_size={model.img_size}",
         f"model.num_classes={model.num_classes}"])
+
+
+def ds_engine(model, stage: int, bf16: bool, batch: int, world: int, ds_json: str | None = None,
+              compile_: str = "auto", backend: str = "inductor"):
+    cfg = bench_config(model, stage, bf16, batch, ds_json, compile_, backend)
     return build_engine(plan_run(cfg, world, count_params(model)), model)
 
 
@@ -64,6 +71,11 @@ def overhead(args, env) -> dict:
     torch.manual_seed(0)
     plain = create_model(args.model, img_size=size).to(env.device)
     ddp = DistributedDataParallel(plain)
+    # like with like: the baseline is compiled where the engines are (train.compile, the trainer's rule)
+    compiled = {"pytorch_ddp": compile_enabled(bench_config(plain, 0, False, args.batch, None, args.compile),
+                                               env.device, 0)}
+    if compiled["pytorch_ddp"]:
+        ddp = torch.compile(ddp, backend=args.compile_backend)
     opt = torch.optim.AdamW(param_groups(plain, 0.05, 1e-4), lr=1e-4)  # what build_optimizer makes
 
     def plain_step():
@@ -75,8 +87,11 @@ def overhead(args, env) -> dict:
     steps = {"pytorch_ddp": plain_step}
     for stage in args.stages:
         torch.manual_seed(0)
-        engine = ds_engine(create_model(args.model, img_size=size).to(env.device), stage, False, args.batch,
-                           env.world_size, args.deepspeed_config)
+        model = create_model(args.model, img_size=size).to(env.device)
+        engine = ds_engine(model, stage, False, args.batch, env.world_size, args.deepspeed_config, args.compile,
+                           args.compile_backend)
+        compiled[f"deepspeed_zero{stage}"] = compile_enabled(
+            bench_config(model, stage, False, args.batch, args.deepspeed_config, args.compile), env.device, stage)
 
         def ds_step(engine=engine, on_demand=grad_norm_on_demand(engine), count=itertools.count(1)):
             loss = loss_fn(engine(x), y)
@@ -86,22 +101,25 @@ def overhead(args, env) -> dict:
             engine.step()
         steps[f"deepspeed_zero{stage}"] = ds_step
 
+    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)  # barrier alone: host time
     times = {k: [] for k in steps}
     for fn in steps.values():  # warm-up
         for _ in range(args.warmup):
             fn()
     for _ in range(args.windows):
         for name, fn in steps.items():
+            sync()
             dist.barrier()
             t = time.perf_counter()
             for _ in range(args.steps):
                 fn()
+            sync()
             dist.barrier()
             times[name].append(1000 * (time.perf_counter() - t) / args.steps)
     ms = {k: statistics.median(v) for k, v in times.items()}
     base = ms["pytorch_ddp"]
     return {"model": args.model, "batch_per_rank": args.batch, "img_size": size, "world_size": env.world_size,
-            "precision": "fp32", "ms_per_step": {k: round(v, 2) for k, v in ms.items()},
+            "precision": "fp32", "compiled": compiled, "ms_per_step": {k: round(v, 2) for k, v in ms.items()},
             "overhead_pct": {k: round(100 * (v / base - 1), 1) for k, v in ms.items() if k != "pytorch_ddp"}}
 
 
@@ -167,6 +185,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="memory: bf16 engine")
     p.add_argument("--deepspeed-config", help="a DeepSpeed JSON merged on top, as deepspeed.config does")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="overhead: torch.compile every row alike (train.compile's rule: auto = on with CUDA, off at ZeRO-3)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile's backend, every row")
     p.add_argument("--json", help="write the result here (rank 0)")
     args = p.parse_args()
     if args.what == "overhead":
@@ -183,7 +204,8 @@ def main() -> None:
             print(f"{result['model']} batch {result['batch_per_rank']}/rank x {result['world_size']} ranks, "
                   f"{result['img_size']}px, fp32, median of {args.windows} windows x {args.steps} steps:")
             for k, v in result["ms_per_step"].items():
-                print(f"  {k:18s} {v:9.2f} ms/step  {result['overhead_pct'].get(k, 0):+6.1f} %")
+                print(f"  {k:18s} {v:9.2f} ms/step  {result['overhead_pct'].get(k, 0):+6.1f} %"
+                      f"{'  (compiled)' if result['compiled'][k] else ''}")
         else:
             print(f"{result['model']} ({result['params'] / 1e6:.1f} M params), {result['world_size']} ranks, "
                   f"{result['precision']}: training state per rank (after backward, step 2)")
