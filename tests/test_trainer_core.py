@@ -159,6 +159,7 @@ def test_zero_1_2_over_gloo_reduce_partitions_to_their_owners(tmp_path):
 
 
 ODD_PARAMS = """
+import json
 import torch
 from models import count_params
 from trainer.build import build_engine, build_loss, build_model
@@ -182,6 +183,11 @@ for stage in (1, 2, 3):
         losses.append(loss.item())
     if env.rank == 0:
         print(f"stage {stage}: {count_params(model)} params, losses {losses}", flush=True)
+        from deepspeed.runtime.torch_autocast import get_comm_dtype
+        kinds = {name: type(m).__name__ for name, m in engine.module.named_modules()}
+        comm = sorted({(kinds[n.rsplit(".", 1)[0]], str(get_comm_dtype(p)).split(".")[1])
+                       for n, p in engine.module.named_parameters()})
+        print(f"stage {stage} reduces: {json.dumps(comm)}", flush=True)
     engine.destroy()
 shutdown()
 """
@@ -198,6 +204,11 @@ def test_odd_parameter_counts_train_at_every_zero_stage(tmp_path):
     for stage in (1, 2, 3):
         losses = json.loads(re.search(rf"stage {stage}: \d+ params, losses (\[.*\])", result.stdout).group(1))
         assert all(np.isfinite(losses)) and losses[-1] < losses[0], (stage, losses)
+        # what the README's precision section says: under the default bf16 autocast, ZeRO reduces the gradients
+        # of Linear and Conv parameters in bf16 (DeepSpeed's torch_autocast), the others in fp32
+        comm = json.loads(re.search(rf"stage {stage} reduces: (\[.*\])", result.stdout).group(1))
+        assert sorted(map(tuple, comm)) == [("Conv2d", "bfloat16"), ("LayerNorm", "float32"), ("Linear", "bfloat16"),
+                                            ("SpatialChannelMixer", "float32")], comm
 
 
 # ----------------------------------------------------------------------------- saves and retention
