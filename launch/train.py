@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.checkpoint import CheckpointError
     from trainer.distributed import shutdown
     from trainer.preflight import EXIT_BAD_NODE, BadNode
+    from trainer.tracking import TrackingAccessDenied
     from trainer.trainer import EXIT_CORRUPT, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteLoss, ReplicaMismatch, train
     try:
         result = train(cfg)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, TrackingAccessDenied) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -30,14 +30,24 @@ def free_port() -> int:
 class MlflowServer:
     """One `mlflow server` (SQLite store, local artifacts) that a test can stop and start again."""
 
-    def __init__(self, root: Path) -> None:
-        self.root, self.port, self.proc = root, free_port(), None
+    ADMIN = ("admin", "an-Admin-passw0rd")
+
+    def __init__(self, root: Path, auth: bool = False) -> None:
+        self.root, self.port, self.proc, self.auth = root, free_port(), None, auth
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        auth: list[str] = []
+        if self.auth:  # MLflow's basic-auth app, as the README tells a cluster to run it
+            (self.root / "auth.ini").write_text(
+                f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"
+                f"admin_username = {self.ADMIN[0]}\nadmin_password = {self.ADMIN[1]}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(self.root / "auth.ini"), MLFLOW_FLASK_SERVER_SECRET_KEY="test-key")
+            auth = ["--app-name", "basic-auth"]
         self.proc = subprocess.Popen(
-            [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            [MLFLOW, "server", *auth, "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             env=env, stdout=open(self.root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -321,3 +331,42 @@ def test_the_off_track_query_opens_the_store_under_the_trackers_lock(tmp_path):
         assert query.is_alive() and not db.exists()  # waiting; the database not opened
     query.join(120)
     assert result == [{}] and db.exists()  # then it opened (and created) the store: no runs yet
+
+
+@pytest.mark.slow
+def test_a_server_with_authentication_refuses_a_run_without_credentials(tmp_path, monkeypatch):
+    """MLflow's basic-auth app: a run without credentials stops at start with an error naming MLflow's
+    variables (its records would otherwise wait in the spool for ever); a user's run authenticated through
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD logs everything."""
+    import base64
+    import json as jsonlib
+
+    server = MlflowServer(tmp_path, auth=True)
+    server.start()
+    try:
+        token = base64.b64encode(":".join(server.ADMIN).encode()).decode()
+        request = urllib.request.Request(f"{server.uri}/api/2.0/mlflow/users/create", method="POST",
+                                         data=jsonlib.dumps({"username": "trainer", "password": "a-Trainer-pw1"}).encode(),
+                                         headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"})
+        assert urllib.request.urlopen(request, timeout=30).status == 200
+        args = [TRAIN, "--config", "cs_mixer_tiny", "data.backend=synthetic", "data.synthetic_size=256",
+                "train.max_steps=4", "train.log_every=2", f"tracking.uri={server.uri}", "tracking.experiment=auth",
+                f"train.output_dir={tmp_path}/runs"]
+        clean = {k: "" for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")}
+        refused = run_script(*args, "train.run_name=anonymous", cwd=tmp_path, env=clean)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"tracking.uri={server.uri} refused this run (HTTP 401, no credentials): set " \
+               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in refused.stderr
+        creds = {**clean, "MLFLOW_TRACKING_USERNAME": "trainer", "MLFLOW_TRACKING_PASSWORD": "a-Trainer-pw1"}
+        logged = run_script(*args, "train.run_name=signed", cwd=tmp_path, env=creds)
+        assert logged.returncode == 0, logged.stderr[-2000:]
+        for k, v in creds.items():
+            monkeypatch.setenv(k, v)
+        client = server.client()
+        run = only_run(client, "auth")
+        assert run.info.status == "FINISHED" and run.info.run_name == "signed"
+        assert steps_of(client, run.info.run_id, "train/loss") == [2, 4]
+        assert run.data.params["model.name"] == "cs_mixer_tiny" and "val/top1" in run.data.metrics
+        assert {"config.yaml", "deepspeed_config.json"} <= set(artifacts(client, run.info.run_id))
+    finally:
+        server.stop()

@@ -404,6 +404,36 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+class TrackingAccessDenied(RuntimeError):
+    """The tracking server refused this run's credentials (or their absence): a setting to fix, not an
+    outage to wait out."""
+
+
+def check_access(uri: str) -> None:
+    """One read against an MLflow server before the run starts. A server that answers 401/403 (MLflow's
+    basic-auth app without valid MLFLOW_TRACKING_USERNAME/PASSWORD) is an error now: spooled records
+    would wait for credentials that never come. A server that does not answer is the usual outage
+    (records spooled, sent later)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        if status in (401, 403):
+            who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            raise TrackingAccessDenied(
+                f"tracking.uri={uri} refused this run (HTTP {status}"
+                f"{', user ' + repr(who) if who else ', no credentials'}): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (MLflow's own variables; or MLFLOW_TRACKING_TOKEN) to an account of "
+                "that server, or tracking.enabled=false") from None
+    except Exception:  # noqa: BLE001 - unreachable now: the tracker spools and retries
+        return
+
+
 def start_run_tracking(cfg, run_dir: Path, world_size: int, run_id: str | None, restarts: int, step: int,
                        log) -> Tracker:
     """Rank 0's MLflow run: a new one (params, tags, config files), or the checkpoint's run continued
@@ -411,6 +441,9 @@ def start_run_tracking(cfg, run_dir: Path, world_size: int, run_id: str | None, 
     from models import model_info
 
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(cfg.train.output_dir)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    check_access(uri)
     tracker = Tracker(uri, cfg.tracking.experiment, run_dir, run_dir.name, run_id, artifact_root=local_artifact_root(uri),
                       system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s, log=log,
                       parent_run_id=cfg.tracking.parent_run_id)
