@@ -1,4 +1,4 @@
-"""Every command shown in README.md and slurm/README.md exists and parses: scripts and sbatch
+"""Every command shown in README.md, slurm/README.md and docs/*.md exists and parses: scripts and sbatch
 files exist, their flags are accepted (checked against each script's own argparse --help),
 config names resolve and `section.key=value` overrides are valid keys and values."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, run_script
 from trainer.config import find_config, load_config
 
-DOCS = [REPO / "README.md", REPO / "slurm/README.md"]
+DOCS = [REPO / "README.md", REPO / "slurm/README.md", *sorted((REPO / "docs").glob("*.md"))]
 PROGRAMS = ("python", "torchrun", "deepspeed", "sbatch", "make", "scripts/", "bash", "mlflow")
 
 
@@ -92,6 +92,10 @@ def test_command_exists_and_parses(doc, command):
     elif program in ("bash",) or program.startswith("scripts/"):
         script = words[1] if program == "bash" else program
         assert (REPO / script).is_file(), f"{script} does not exist"
+        if script == "scripts/gpu_check.sh":  # its options are gpu_check.py's
+            help_text = script_help("scripts/gpu_check.py")
+            for flag in (w for w in words[2:] if w.startswith("--")):
+                assert flag in help_text, f"{script}: no option {flag}"
     elif program == "mlflow":
         assert words[1] in ("ui", "server")
         help_text = subprocess.run([str(Path(sys.executable).parent / "mlflow"), words[1], "--help"], capture_output=True,
