@@ -528,3 +528,42 @@ def test_compile_auto_and_a_missing_compiler(monkeypatch):
     with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler"):
         check_compiler("inductor", "cpu")
     check_compiler("aot_eager", "cuda")  # no code generation, no compiler needed
+
+
+def test_batch_size_auto_halves_on_out_of_memory_and_keeps_the_global_batch(monkeypatch):
+    """train.batch_size=auto: the probe step (the real one, on a copy of the model) hits an injected CUDA
+    out-of-memory error above 24 images, so 96 -> 48 -> 24 are tried and 24 x accum 4 keeps the global batch
+    of 96; the model's weights are untouched. Without CUDA (and no forced probe) the per-rank batch is whole."""
+    from trainer.batch_probe import largest_fitting, resolve_auto_batch
+    from trainer.build import build_model
+
+    cfg = load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["train.batch_size=auto", "train.global_batch=96",
+                                                          "train.grad_accum=null", "deepspeed.bf16=false"])
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real_forward, sizes = type(model).forward, []
+
+    def forward(self, x):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 24:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_forward(self, x)
+
+    monkeypatch.setattr(type(model), "forward", forward)
+    resolved_cfg, note = resolve_auto_batch(cfg, model, torch.device("cpu"), 1, probe=True)
+    assert sizes == [96, 48, 24] and resolved_cfg.train.batch_size == 24
+    assert note == ("[batch] train.batch_size=auto: probed 96 out of memory, 48 out of memory, 24 fits -> 24/rank; "
+                    "x accum 4 keeps the global batch 96")
+    plan = plan_run(resolved_cfg, 1, 1000)
+    assert (plan.batch.batch_size, plan.batch.grad_accum, plan.batch.global_batch) == (24, 4, 96)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    whole, note = resolve_auto_batch(cfg, model, torch.device("cpu"), 2)
+    assert whole.train.batch_size == 48 and "no CUDA device to probe" in note
+    assert plan_run(cfg, 2, 1000).batch.batch_size == 48  # --dry-run / --print-config before any probe
+    assert largest_fitting(96, lambda b: b <= 5, even=True) == (2, [(96, False), (48, False), (24, False),
+                                                                    (12, False), (6, False), (2, True)])
+    with pytest.raises(ConfigError, match="not even a micro-batch of 1 image"):
+        largest_fitting(6, lambda b: False)
+    with pytest.raises(ConfigError, match="needs train.global_batch"):
+        plan_run(load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["train.batch_size=auto", "train.global_batch=null",
+                                                                 "train.grad_accum=null"]), 1, 1000)

@@ -100,7 +100,8 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = knob(300, ge=1)
-    batch_size: int | None = knob(None, ge=1)    # per GPU (DeepSpeed's train_micro_batch_size_per_gpu)
+    batch_size: int | Literal["auto"] | None = knob(None, ge=1)  # per GPU (DeepSpeed's micro-batch); auto: the
+                                                 # largest that fits, found at start on CUDA (trainer/batch_probe.py)
     global_batch: int | None = knob(None, ge=1)  # DeepSpeed's train_batch_size
     grad_accum: int | None = knob(None, ge=1)    # DeepSpeed's gradient_accumulation_steps
     seed: int = knob(0, ge=0)
@@ -271,6 +272,8 @@ def _check_bounds(key: str, value: Any, bounds: dict[str, float], where: str) ->
     for v in values:
         if v is None:
             continue
+        if isinstance(v, str):  # a Literal choice ('auto') beside a number
+            continue
         for op, limit in bounds.items():
             ok = {"ge": v >= limit, "gt": v > limit, "le": v <= limit, "lt": v < limit}[op]
             if not ok:
@@ -424,6 +427,11 @@ def plan_batch(cfg: RunConfig, world_size: int) -> BatchPlan:
     batch_size is an upper bound: on many GPUs the micro-batch shrinks so the global batch holds."""
     t = cfg.train
     bs, acc, gb = t.batch_size, t.grad_accum, t.global_batch
+    if bs == "auto":  # before the probe (or without CUDA): no accumulation; the probe may shrink it
+        if gb is None or acc is not None:
+            raise ConfigError(f"train.batch_size=auto finds the micro-batch and derives the accumulation: it needs "
+                              f"train.global_batch (got {gb}) and train.grad_accum=null (got {acc})")
+        bs = gb // world_size if gb % world_size == 0 else gb
     if gb is None:
         bs, acc = bs, acc or 1
         gb = bs * acc * world_size

@@ -29,6 +29,7 @@ from data_pipeline import build_loaders, dataset_input
 from data_pipeline.sharding import epoch_end, resumed_epoch_end
 from models import count_params, model_info
 
+from .batch_probe import resolve_auto_batch
 from .build import (
     build_engine,
     build_loss,
@@ -395,6 +396,7 @@ class Trainer:
         self.log = (lambda *a: print(*a, flush=True)) if env.is_main else (lambda *a: None)
         seed_everything(cfg.train.seed + env.rank)
         model = build_model(cfg)
+        cfg, batch_note = resolve_auto_batch(cfg, model, env.device, env.world_size)
         self.plan = plan = plan_run(cfg, env.world_size, count_params(model))
         self.cfg = cfg = plan.cfg
         self.run_dir = run_directory(cfg)
@@ -448,6 +450,8 @@ class Trainer:
                  f"{self.engine.zero_optimization_stage()}; {plan.dtype} on {env.device.type}"
                  f"{'; compiled (' + cfg.train.compile_backend + ')' if self.compiled else ''}; data "
                  f"{cfg.data.backend}; MFU against {peak_source}; run dir {self.run_dir}")
+        if batch_note:
+            self.log(batch_note)
         if compile_note and env.device.type == "cuda":
             self.log(f"[compile] {compile_note}")
         if preflight_line:
