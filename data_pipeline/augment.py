@@ -534,7 +534,9 @@ class RandomErasing:
         ys = torch.arange(h, device=dev).view(1, h, 1)
         xs = torch.arange(w, device=dev).view(1, 1, w)
         # per-pixel noise is drawn on the device, from a generator seeded by the host stream
-        noise_gen = torch.Generator(device=dev).manual_seed(seed) if self.mode == "pixel" else None
+        # (the meta device, where the stage's dispatch is measured, has no generator and no values)
+        noise_gen = torch.Generator(device=dev).manual_seed(seed) if self.mode == "pixel" and dev.type != "meta" \
+            else None
         for i in range(self.max_count):
             top, left, bh, bw = (box[:, i, j].view(-1, 1, 1) for j in range(4))
             inside = (ys >= top) & (ys < top + bh) & (xs >= left) & (xs < left + bw) & act[:, i].view(-1, 1, 1)
