@@ -34,9 +34,9 @@ def _gray(x: Tensor) -> Tensor:
     return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).unsqueeze(1)
 
 
-def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
+def _blend(degenerate: Tensor | float, x: Tensor, factor: Tensor) -> Tensor:
     """Pillow's Image.blend(degenerate, x, factor): float32 math, clip, truncate."""
-    d = degenerate.float()
+    d = degenerate.float() if isinstance(degenerate, Tensor) else degenerate
     return (d + factor.view(-1, 1, 1, 1) * (x.float() - d)).clamp_(0, 255).floor_().to(torch.uint8)
 
 
@@ -47,27 +47,35 @@ def _apply_lut(x: Tensor, lut: Tensor) -> Tensor:
 
 
 def _auto_contrast(x: Tensor, _v: Tensor, _fill: Tensor) -> Tensor:
+    return _apply_lut(x, _auto_contrast_lut(x))
+
+
+def _auto_contrast_lut(x: Tensor) -> Tensor:
+    """ImageOps.autocontrast's lookup table per (sample, channel), float64 (b,3,256)."""
     lo = x.amin(dim=(2, 3)).double().unsqueeze(2)
     hi = x.amax(dim=(2, 3)).double().unsqueeze(2)
     scale = torch.full_like(hi, 255.0) / (hi - lo).clamp(min=1)  # not 255.0 / t: that is 255 * (1 / t)
     ramp = torch.arange(256, device=x.device, dtype=torch.float64)
-    lut = torch.where(hi > lo, (ramp * scale - lo * scale).trunc(), ramp)
-    return _apply_lut(x, lut)
+    return torch.where(hi > lo, (ramp * scale - lo * scale).trunc(), ramp)
 
 
 def _equalize(x: Tensor, _v: Tensor, _fill: Tensor) -> Tensor:
-    """ImageOps.equalize per (sample, channel): histograms by scatter_add, LUT by cumsum."""
+    return _apply_lut(x, _equalize_lut(x))
+
+
+def _equalize_lut(x: Tensor) -> Tensor:
+    """ImageOps.equalize's lookup table per (sample, channel): histograms by scatter_add, LUT by cumsum."""
     b, c, h, w = x.shape
     flat = x.reshape(b * c, h * w).long()
     hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
-    present = hist > 0
-    last = (present * torch.arange(256, device=x.device)).amax(1, keepdim=True)
+    present, levels = hist > 0, torch.arange(256, device=x.device)
+    last = (present * levels).amax(1, keepdim=True)
     step = (h * w - hist.gather(1, last)) // 255
     before = hist.cumsum(1) - hist  # pixels strictly below each level
     lut = (step // 2 + before) // step.clamp(min=1)
     keep = (present.sum(1, keepdim=True) <= 1) | (step == 0)
-    lut = torch.where(keep, torch.arange(256, device=x.device), lut)
-    return _apply_lut(x, lut.view(b, c, 256))
+    lut = torch.where(keep, levels, lut)
+    return lut.view(b, c, 256)
 
 
 def _invert(x: Tensor, _v: Tensor, _fill: Tensor) -> Tensor:
@@ -103,13 +111,22 @@ def _brightness(x: Tensor, f: Tensor, _fill: Tensor) -> Tensor:
     return _blend(torch.zeros_like(x), x, f)
 
 
-def _sharpness(x: Tensor, f: Tensor, _fill: Tensor) -> Tensor:
-    """Blend with ImageFilter.SMOOTH (rounded; the 1-pixel border is left unchanged, as in Pillow)."""
-    kernel = torch.ones(3, 1, 3, 3, device=x.device)
+def _smooth_kernel(device: torch.device) -> Tensor:
+    kernel = torch.ones(3, 1, 3, 3, device=device)
     kernel[:, :, 1, 1] = 5.0  # ImageFilter.SMOOTH: [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13
+    return kernel / 13
+
+
+def _smooth(x: Tensor, kernel: Tensor) -> Tensor:
+    """ImageFilter.SMOOTH, rounded, as float; the 1-pixel border is left unchanged, as in Pillow."""
     smooth = x.float()
-    smooth[:, :, 1:-1, 1:-1] = (F.conv2d(smooth, kernel / 13, groups=3) + 0.5).floor_().clamp_(0, 255)
-    return _blend(smooth, x, f)
+    smooth[:, :, 1:-1, 1:-1] = (F.conv2d(smooth, kernel, groups=3) + 0.5).floor_().clamp_(0, 255)
+    return smooth
+
+
+def _sharpness(x: Tensor, f: Tensor, _fill: Tensor) -> Tensor:
+    """Blend with ImageFilter.SMOOTH."""
+    return _blend(_smooth(x, _smooth_kernel(x.device)), x, f)
 
 
 def _affine(like: Tensor, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> Tensor:
@@ -118,71 +135,93 @@ def _affine(like: Tensor, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> Tensor:
     return torch.stack(entries, -1).view(-1, 2, 3)
 
 
-def _warp(x: Tensor, m: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
+def warp_grid(h: int, w: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The constants of a bicubic warp of h x w images: output pixel centres and the 4 tap offsets (host
+    tensors the stage moves with its per-batch plan; made on the device when a warp is called alone)."""
+    return {"xs": (torch.arange(w, device=device, dtype=torch.float32) + 0.5).view(1, 1, 1, w),
+            "ys": (torch.arange(h, device=device, dtype=torch.float32) + 0.5).view(1, 1, h, 1),
+            "taps": torch.arange(-1, 3, device=device, dtype=torch.float32).view(4, 1, 1, 1, 1),
+            "limits": torch.tensor([w, h], device=device, dtype=torch.float32).view(1, 2, 1, 1)}
+
+
+def _warp(x: Tensor, m: Tensor, fill: Tensor, resample: str = "bicubic", grid: dict[str, Tensor] | None = None) -> Tensor:
     """Pillow's Image.transform(AFFINE, resample, fillcolor=fill): `m` (b,2,3) maps output pixel
     coordinates to input ones (pixel centres at i + 0.5); a sample outside the input -> fill.
-    bicubic: Pillow's kernel (cubic convolution with a = -1) over the 4x4 neighbours, clamped at the border, truncated to
-    uint8 as Pillow does; bilinear: grid_sample, truncated likewise."""
+    bicubic: Pillow's kernel (cubic convolution with a = -1) over the 4x4 neighbours, clamped at the border,
+    truncated to uint8 as Pillow does, summed in Pillow's order (each row's 4 taps, then the 4 rows); x and y
+    are computed together and the 16 taps read in one gather. bilinear: grid_sample, truncated likewise."""
     b, _, h, w = x.shape
-    (a, bb, c), (d, e, f) = (row.unbind(-1) for row in m.unbind(1))
     if resample == "bilinear":
+        (a, bb, c), (d, e, f) = (row.unbind(-1) for row in m.unbind(1))
         r = h / w  # the same map in affine_grid's normalised coordinates (u = 2 x / w - 1)
         theta = _affine(a, a, bb * r, a + bb * r + 2 * c / w - 1, d / r, e, d / r + e + 2 * f / h - 1)
-        grid = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
-        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        inside = ((grid >= -1) & (grid < 1)).all(-1).unsqueeze(1)
+        grid_ = F.affine_grid(theta, [b, 3, h, w], align_corners=False)
+        out = F.grid_sample(x.float(), grid_, mode="bilinear", padding_mode="border", align_corners=False)
+        inside = ((grid_ >= -1) & (grid_ < 1)).all(-1).unsqueeze(1)
         return torch.where(inside, out, fill).floor_().to(torch.uint8)
-    ys = torch.arange(h, device=x.device, dtype=torch.float32).view(1, h, 1) + 0.5
-    xs = torch.arange(w, device=x.device, dtype=torch.float32).view(1, 1, w) + 0.5
-    view = lambda t: t.view(b, 1, 1)
-    x_in = view(a) * xs + view(bb) * ys + view(c)  # (b, h, w) source coordinates
-    y_in = view(d) * xs + view(e) * ys + view(f)
-    inside = ((x_in >= 0) & (x_in < w) & (y_in >= 0) & (y_in < h)).unsqueeze(1)
-    x0, y0 = (x_in - 0.5).floor(), (y_in - 0.5).floor()
-    tx, ty = x_in - 0.5 - x0, y_in - 0.5 - y0
-
-    def weights(t: Tensor) -> list[Tensor]:  # Pillow's BICUBIC macro (Geometry.c) as 4 tap weights
-        u = 1 - t
-        return [-t * u * u, 1 - t * t * (1 + u), t * (1 + t * u), -t * t * u]
-
-    wx, wy = weights(tx), weights(ty)
-    cols = [(x0 + i - 1).clamp(0, w - 1).long() for i in range(4)]
-    rows = [(y0 + j - 1).clamp(0, h - 1).long() * w for j in range(4)]
-    flat = x.reshape(b, 3, h * w).float()
-    out = torch.zeros(b, 3, h * w, device=x.device)
-    for j in range(4):
-        row = torch.zeros_like(out)
-        for i in range(4):
-            idx = (rows[j] + cols[i]).view(b, 1, h * w).expand(b, 3, h * w)
-            row += flat.gather(2, idx) * wx[i].view(b, 1, h * w)
-        out += row * wy[j].view(b, 1, h * w)
+    g = grid if grid is not None else warp_grid(h, w, x.device)
+    coef = m.view(b, 2, 3, 1, 1)  # rows (a, b, c) for the source x, (d, e, f) for the source y
+    p = coef[:, :, 0] * g["xs"].view(1, 1, 1, w) + coef[:, :, 1] * g["ys"].view(1, 1, h, 1) + coef[:, :, 2]
+    inside = ((p >= 0) & (p < g["limits"])).all(1, keepdim=True)  # (b,1,h,w): source x and y inside
+    q = p - 0.5
+    p0 = q.floor()
+    t = q - p0
+    u = 1 - t  # Pillow's BICUBIC macro (Geometry.c) as 4 tap weights, for x and y at once
+    weights = torch.stack([-t * u * u, 1 - t * t * (1 + u), t * (1 + t * u), -t * t * u])  # (4,b,2,h,w)
+    taps = p0 + g["taps"]  # (4,b,2,h,w) source coordinates of the taps
+    cols = taps[:, :, 0].clamp(0, w - 1).long()
+    rows = taps[:, :, 1].clamp(0, h - 1).long() * w
+    index = (rows.unsqueeze(1) + cols.unsqueeze(0)).permute(2, 0, 1, 3, 4).reshape(b, 1, 16 * h * w)
+    taps_read = x.reshape(b, 3, h * w).float().gather(2, index.expand(b, 3, 16 * h * w)).view(b, 3, 4, 4, h * w)
+    wx = weights[:, :, 0].permute(1, 0, 2, 3).reshape(b, 1, 1, 4, h * w)
+    wy = weights[:, :, 1].permute(1, 0, 2, 3).reshape(b, 1, 4, h * w)
+    prod = taps_read * wx  # (b,3,4 rows,4 cols,hw)
+    row = ((prod[:, :, :, 0] + prod[:, :, :, 1]) + prod[:, :, :, 2]) + prod[:, :, :, 3]
+    prod = row * wy
+    out = ((prod[:, :, 0] + prod[:, :, 1]) + prod[:, :, 2]) + prod[:, :, 3]
     out = out.view(b, 3, h, w).clamp_(0, 255)
     return torch.where(inside, out, fill).floor_().to(torch.uint8)
 
 
-def _shear_x(x: Tensor, v: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
-    return _warp(x, _affine(v, b=v), fill, resample)
+# Each geometric op's affine matrix (output -> input coordinates), (n,2,3) float32 from its argument (n,):
+# computed on the host for the batched plan, on the argument's device when an op is applied alone.
+def _shear_x_matrix(v: Tensor, h: int, w: int) -> Tensor:
+    return _affine(v, b=v)
 
 
-def _shear_y(x: Tensor, v: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
-    return _warp(x, _affine(v, d=v), fill, resample)
+def _shear_y_matrix(v: Tensor, h: int, w: int) -> Tensor:
+    return _affine(v, d=v)
 
 
-def _translate_x(x: Tensor, pct: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
-    return _warp(x, _affine(pct, c=pct * x.shape[3]), fill, resample)
+def _translate_x_matrix(pct: Tensor, h: int, w: int) -> Tensor:
+    return _affine(pct, c=pct * w)
 
 
-def _translate_y(x: Tensor, pct: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
-    return _warp(x, _affine(pct, f=pct * x.shape[2]), fill, resample)
+def _translate_y_matrix(pct: Tensor, h: int, w: int) -> Tensor:
+    return _affine(pct, f=pct * h)
 
 
-def _rotate(x: Tensor, degrees: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
+def _rotate_matrix(degrees: Tensor, h: int, w: int) -> Tensor:
     """Image.rotate(degrees): counter-clockwise about the centre (w/2, h/2)."""
-    cx, cy = x.shape[3] / 2, x.shape[2] / 2
+    cx, cy = w / 2, h / 2
     t = torch.deg2rad(-degrees)
     cos, sin = torch.cos(t), torch.sin(t)
-    return _warp(x, _affine(t, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy), fill,
-                 resample)
+    return _affine(t, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+
+
+GEOMETRY: dict[str, Callable[[Tensor, int, int], Tensor]] = {
+    "Rotate": _rotate_matrix, "ShearX": _shear_x_matrix, "ShearY": _shear_y_matrix,
+    "TranslateXRel": _translate_x_matrix, "TranslateYRel": _translate_y_matrix}
+
+
+def _geometric(name: str):
+    def op(x: Tensor, v: Tensor, fill: Tensor, resample: str = "bicubic") -> Tensor:
+        return _warp(x, GEOMETRY[name](v, x.shape[2], x.shape[3]), fill, resample)
+    return op
+
+
+_rotate, _shear_x, _shear_y = _geometric("Rotate"), _geometric("ShearX"), _geometric("ShearY")
+_translate_x, _translate_y = _geometric("TranslateXRel"), _geometric("TranslateYRel")
 
 
 # ----------------------------------------------------------------------------- magnitudes
@@ -263,6 +302,39 @@ def _fill(fill: Sequence[int]) -> Tensor:
 def _check_uint8(images: Tensor) -> None:
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+
+
+class HostPlan:
+    """The batch's host-side draws, packed into one byte buffer and moved to the device in one copy (pinned,
+    non-blocking on CUDA; none on the CPU), then read there as views of their own dtype and shape: one
+    host-to-device transfer per batch instead of one per op group."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, tuple[int, Tensor]] = {}
+        self.size = 0
+
+    def add(self, name: str, t: Tensor) -> None:
+        t = t.contiguous()
+        self.size = -(-self.size // 8) * 8  # every part 8-byte aligned: any dtype can be viewed in place
+        self.parts[name] = (self.size, t)
+        self.size += t.numel() * t.element_size()
+
+    def to(self, device: torch.device) -> dict[str, Tensor]:
+        buf = torch.empty(max(8, self.size), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        for offset, t in self.parts.values():
+            if t.numel():
+                buf[offset:offset + t.numel() * t.element_size()] = t.view(-1).view(torch.uint8)
+        if buf.device != device:
+            buf = buf.to(device, non_blocking=True)
+        return {name: buf[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                for name, (offset, t) in self.parts.items()}
+
+
+LUT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "PosterizeIncreasing", "PosterizeOriginal",
+           "Solarize", "SolarizeIncreasing", "SolarizeAdd")  # per-(sample, channel) 256-entry lookup tables
+IMAGE_LUTS = {"AutoContrast": _auto_contrast_lut, "Equalize": _equalize_lut}  # tables that need the image
+BLEND_KINDS = {"Brightness": 0, "BrightnessIncreasing": 0, "Color": 1, "ColorIncreasing": 1, "Contrast": 2,
+               "ContrastIncreasing": 2, "Sharpness": 3, "SharpnessIncreasing": 3}  # by their degenerate image
 
 
 def apply_op(images: Tensor, name: str, magnitude: float | Tensor, sign: float | Tensor = 1.0,
@@ -357,6 +429,7 @@ class PerSampleOps:
         self.generator, self.fill = generator, tuple(fill)
         self.resample = "bicubic"  # geometric ops: timm resamples as the train interpolation says
         self.recorder: DrawRecorder | None = None
+        self._consts: tuple | None = None  # (device, fill, smoothing kernel) on the device of the last batch
 
     def sample(self, batch: int) -> list[OpLayer]:
         raise NotImplementedError
@@ -364,21 +437,97 @@ class PerSampleOps:
     def _sign(self, batch: int) -> Tensor:
         return torch.where(torch.rand(batch, generator=self.generator, dtype=torch.float64) > 0.5, -1.0, 1.0)
 
-    def apply(self, images: Tensor, plan: list[OpLayer]) -> Tensor:
-        _check_uint8(images)
-        x, dev = images.clone(), images.device
-        fill = _to(_fill(self.fill), dev)
-        for layer in plan:
+    def pack(self, plan: list[OpLayer], h: int, w: int, host: HostPlan, key: str = "aa") -> list[dict]:
+        """The device work of a plan, prepared on the host: per layer, the samples of each op family and what
+        their kernels need, image-independent lookup tables and warp matrices computed here. Within a layer
+        each sample draws one op, so the three families touch disjoint samples and run one after another:
+        one table lookup for every LUT op, one warp for every geometric op, one blend for every colour op."""
+        layers = []
+        ramp = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256)
+        fill = _fill(self.fill)
+        if any(self.names[int(k)] in GEOMETRIC_OPS for layer in plan for k in layer.op[layer.apply].unique()):
+            for name, t in warp_grid(h, w).items():
+                host.add(f"{key}.grid.{name}", t)
+        for i, layer in enumerate(plan):
+            groups: dict[str, list[tuple[str, Tensor, Tensor]]] = {"lut": [], "geo": [], "blend": []}
             for k, name in enumerate(self.names):
                 idx = torch.nonzero(layer.apply & (layer.op == k)).flatten()  # host tensor: no sync
-                if idx.numel() == 0:
-                    continue
-                fn, level = OPS[name]
-                arg = _LEVELS[level](layer.magnitude[idx], layer.sign[idx])
-                idx_d = _to(idx, dev)
-                x.index_copy_(0, idx_d, fn(x.index_select(0, idx_d), _to(arg.float(), dev), fill,
-                                           **({"resample": self.resample} if name in GEOMETRIC_OPS else {})))
+                if idx.numel():
+                    arg = _LEVELS[OPS[name][1]](layer.magnitude[idx], layer.sign[idx]).float()
+                    family = "lut" if name in LUT_OPS else "geo" if name in GEOMETRIC_OPS else "blend"
+                    groups[family].append((name, idx, arg))
+            meta: dict = {}
+            if groups["lut"]:
+                n = sum(len(idx) for _, idx, _ in groups["lut"])
+                tables, at, image_luts = ramp.expand(n, 3, 1, 256).clone(), 0, {}
+                for name, idx, arg in groups["lut"]:
+                    if name in IMAGE_LUTS:
+                        image_luts.setdefault(name, []).append(torch.arange(at, at + len(idx)))
+                    else:  # a pointwise op applied to the ramp 0..255 is its table
+                        tables[at:at + len(idx)] = OPS[name][0](tables[at:at + len(idx)], arg, fill)
+                    at += len(idx)
+                host.add(f"{key}.{i}.lut.idx", torch.cat([idx for _, idx, _ in groups["lut"]]))
+                host.add(f"{key}.{i}.lut.tables", tables.view(n, 3, 256))
+                for name, positions in image_luts.items():
+                    host.add(f"{key}.{i}.lut.{name}", torch.cat(positions))
+                meta["lut"] = sorted(image_luts)
+            if groups["geo"]:
+                host.add(f"{key}.{i}.geo.idx", torch.cat([idx for _, idx, _ in groups["geo"]]))
+                host.add(f"{key}.{i}.geo.m", torch.cat([GEOMETRY[name](arg, h, w) for name, _, arg in groups["geo"]]))
+                meta["geo"] = True
+            if groups["blend"]:
+                host.add(f"{key}.{i}.blend.idx", torch.cat([idx for _, idx, _ in groups["blend"]]))
+                host.add(f"{key}.{i}.blend.kind", torch.cat([torch.full((len(idx),), BLEND_KINDS[name])
+                                                             for name, idx, _ in groups["blend"]]))
+                host.add(f"{key}.{i}.blend.factor", torch.cat([arg for _, _, arg in groups["blend"]]))
+                meta["blend"] = {BLEND_KINDS[name] for name, _, _ in groups["blend"]}
+            layers.append(meta)
+        return layers
+
+    def run(self, images: Tensor, layers: list[dict], dev: dict[str, Tensor], key: str = "aa") -> Tensor:
+        """The packed plan's device work: per layer at most one lookup, one warp and one blend pass."""
+        x = images.clone()
+        b, _, h, w = x.shape
+        if self._consts is None or self._consts[0] != x.device:
+            self._consts = (x.device, _to(_fill(self.fill), x.device), _smooth_kernel(x.device))
+        _, fill, kernel = self._consts
+        grid = {name: dev[f"{key}.grid.{name}"] for name in ("xs", "ys", "taps", "limits")} \
+            if f"{key}.grid.xs" in dev else None
+        for i, meta in enumerate(layers):
+            if "lut" in meta:
+                idx, tables = dev[f"{key}.{i}.lut.idx"], dev[f"{key}.{i}.lut.tables"]
+                sel = x.index_select(0, idx)
+                for name in meta["lut"]:
+                    at = dev[f"{key}.{i}.lut.{name}"]
+                    tables.index_copy_(0, at, IMAGE_LUTS[name](sel.index_select(0, at)).clamp(0, 255).to(torch.uint8))
+                n = len(idx)
+                x.index_copy_(0, idx, tables.gather(2, sel.reshape(n, 3, h * w).long()).view(n, 3, h, w))
+            if "geo" in meta:
+                idx = dev[f"{key}.{i}.geo.idx"]
+                warped = _warp(x.index_select(0, idx), dev[f"{key}.{i}.geo.m"], fill, self.resample, grid)
+                x.index_copy_(0, idx, warped)
+            if "blend" in meta:
+                idx, kinds = dev[f"{key}.{i}.blend.idx"], meta["blend"]
+                sel = x.index_select(0, idx)
+                kind = dev[f"{key}.{i}.blend.kind"].view(-1, 1, 1, 1)
+                degenerate: Tensor | float = 0.0  # Brightness: black
+                if kinds & {1, 2}:
+                    gray = _gray(sel)
+                    if 1 in kinds:  # Color: the grey image
+                        degenerate = torch.where(kind == 1, gray.float(), degenerate)
+                    if 2 in kinds:  # Contrast: the grey image's rounded mean
+                        mean = (gray.sum(dim=(1, 2, 3)).double() / gray[0].numel() + 0.5).floor()
+                        degenerate = torch.where(kind == 2, mean.float().view(-1, 1, 1, 1), degenerate)
+                if 3 in kinds:  # Sharpness: the smoothed image
+                    degenerate = torch.where(kind == 3, _smooth(sel, kernel), degenerate)
+                x.index_copy_(0, idx, _blend(degenerate, sel, dev[f"{key}.{i}.blend.factor"]))
         return x
+
+    def apply(self, images: Tensor, plan: list[OpLayer]) -> Tensor:
+        _check_uint8(images)
+        host = HostPlan()
+        layers = self.pack(plan, images.shape[2], images.shape[3], host)
+        return self.run(images, layers, host.to(images.device))
 
     def __call__(self, images: Tensor) -> Tensor:
         plan = self.sample(images.shape[0])
@@ -517,8 +666,9 @@ class RandomErasing:
         active = erase.unsqueeze(1) & fits.any(2) & (torch.arange(r) < count)
         return torch.stack([top, left, bh, bw], 2), active
 
-    def __call__(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
+    def pack(self, b: int, c: int, h: int, w: int, host: HostPlan, key: str = "er") -> dict | None:
+        """Draw the batch's boxes, fill seed and colours (in that order, from the generator) and put what the
+        device needs into `host`; None when no sample is erased."""
         boxes, active = self.sample(b, h, w)
         if self.recorder is not None:
             self.recorder.erasing(active)
@@ -526,28 +676,40 @@ class RandomErasing:
         colors = torch.randn(b, self.max_count, c, generator=self.generator)
         idx = torch.nonzero(active.any(1)).flatten()
         if idx.numel() == 0:
+            return None
+        for name, t in (("idx", idx), ("boxes", boxes[idx]), ("active", active[idx]), ("colors", colors[idx]),
+                        ("ys", torch.arange(h).view(1, h, 1)), ("xs", torch.arange(w).view(1, 1, w))):
+            host.add(f"{key}.{name}", t)
+        return {"seed": seed}
+
+    def run(self, x: Tensor, meta: dict | None, dev: dict[str, Tensor], key: str = "er") -> Tensor:
+        if meta is None:
             return x
-        dev = x.device
-        idx_d = _to(idx, dev)
+        c = x.shape[1]
+        idx_d, box, act, colors = (dev[f"{key}.{n}"] for n in ("idx", "boxes", "active", "colors"))
+        ys, xs = dev[f"{key}.ys"], dev[f"{key}.xs"]
         sel = x.index_select(0, idx_d)
-        box, act, colors = _to(boxes[idx], dev), _to(active[idx], dev), _to(colors[idx], dev)
-        ys = torch.arange(h, device=dev).view(1, h, 1)
-        xs = torch.arange(w, device=dev).view(1, 1, w)
-        # per-pixel noise is drawn on the device, from a generator seeded by the host stream
-        # (the meta device, where the stage's dispatch is measured, has no generator and no values)
-        noise_gen = torch.Generator(device=dev).manual_seed(seed) if self.mode == "pixel" and dev.type != "meta" \
-            else None
+        # per-pixel noise is drawn on the device, from a generator seeded by the host stream (the meta device,
+        # where the stage's dispatch is measured, has no generator and no values)
+        noise_gen = torch.Generator(device=x.device).manual_seed(meta["seed"]) \
+            if self.mode == "pixel" and x.device.type != "meta" else None
         for i in range(self.max_count):
             top, left, bh, bw = (box[:, i, j].view(-1, 1, 1) for j in range(4))
             inside = (ys >= top) & (ys < top + bh) & (xs >= left) & (xs < left + bw) & act[:, i].view(-1, 1, 1)
             if self.mode == "pixel":
-                fill = torch.randn(sel.shape, generator=noise_gen, device=dev, dtype=x.dtype)
+                fill = torch.randn(sel.shape, generator=noise_gen, device=x.device, dtype=x.dtype)
             elif self.mode == "rand":
                 fill = colors[:, i].to(x.dtype).view(-1, c, 1, 1)
             else:
-                fill = torch.zeros((), device=dev, dtype=x.dtype)
+                fill = torch.zeros((), device=x.device, dtype=x.dtype)
             sel = torch.where(inside.unsqueeze(1), fill, sel)
         return x.index_copy(0, idx_d, sel)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        host = HostPlan()
+        meta = self.pack(b, c, h, w, host)
+        return self.run(x, meta, host.to(x.device))
 
 
 def smoothed_one_hot(labels: Tensor, num_classes: int, smoothing: float) -> Tensor:
@@ -643,8 +805,12 @@ class DeviceAugment:
         self.mixup = MixupCutmix(mixup, cutmix, mixup_prob, switch_prob, smoothing, num_classes, self.generator)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.bias = -self.mean * self.inv_std  # normalise = one addcmul: x * inv_std + bias
         if device is not None:
-            self.mean, self.inv_std = _to(self.mean, torch.device(device)), _to(self.inv_std, torch.device(device))
+            self._to_device(torch.device(device))
+
+    def _to_device(self, device: torch.device) -> None:
+        self.mean, self.inv_std, self.bias = (_to(t, device) for t in (self.mean, self.inv_std, self.bias))
 
     def record(self, recorder: DrawRecorder | None) -> None:
         """Count every draw from here on into `recorder` (None: stop counting)."""
@@ -662,16 +828,27 @@ class DeviceAugment:
             self.generator.manual_seed(seed)
         if self.recorder is not None:
             self.recorder.images += images.shape[0]
-        x = images
         if self.normalize:
             _check_uint8(images)
-            if self.auto_augment is not None:
-                images = self.auto_augment(images)
+        b, c, h, w = images.shape
+        # every host draw first, in the order the stages take them, then one host-to-device copy of them all
+        host, layers = HostPlan(), None
+        if self.auto_augment is not None:
+            plan = self.auto_augment.sample(b)
+            if self.recorder is not None:
+                self.recorder.auto_augment(self.auto_augment.names, plan)
+            layers = self.auto_augment.pack(plan, h, w, host)
+        erasing = self.erasing.pack(b, c, h, w, host) if self.erasing is not None else None
+        dev = host.to(images.device)
+        x = images
+        if self.normalize:
+            if layers is not None:
+                images = self.auto_augment.run(images, layers, dev)
             if self.mean.device != images.device:
-                self.mean, self.inv_std = _to(self.mean, images.device), _to(self.inv_std, images.device)
-            x = torch.addcmul(-self.mean * self.inv_std, images.float(), self.inv_std)  # one fused pass
+                self._to_device(images.device)
+            x = torch.addcmul(self.bias, images.float(), self.inv_std)  # one fused pass
         if self.erasing is not None:
-            x = self.erasing(x)
+            x = self.erasing.run(x, erasing, dev)
         return self.mixup(x, labels)
 
     def state_dict(self) -> dict[str, Tensor]:

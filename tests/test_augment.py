@@ -7,6 +7,7 @@ counting pixels on images built so that every pixel's origin is known.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import REPO
 from data_pipeline.augment import (
     AUTOAUG_IMAGENET,
     IMAGENET_FILL,
@@ -469,3 +471,16 @@ def test_ffcv_resize_is_pillows(box, size, bicubic):
     diff = np.abs(out.astype(int) - ref.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.001, (diff.max(), (diff > 0).mean())
 
+
+
+def test_stage_moves_its_plan_in_one_copy_and_launches_few_ops():
+    """The recipe's stage at batch 128, 224 px, counted on the meta device (launch/bench_data.py --stage): the
+    whole batch's host draws reach the device in one copy (was ~65: one per op group and argument) and the
+    device work is one lookup, one warp and one blend pass per layer (~300 kernels, was ~2,200)."""
+    sys.path.insert(0, str(REPO / "launch"))
+    from bench_data import stage_figures
+
+    figures = stage_figures(batches=2)
+    print(figures)
+    assert figures["stage_h2d_copies_per_batch"] == 1.0
+    assert figures["stage_ops_per_batch"] <= 300
