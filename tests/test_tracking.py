@@ -39,7 +39,7 @@ class MlflowServer:
     def start(self) -> None:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         auth: list[str] = []
-        if self.auth:  # MLflow's basic-auth app, as the README tells a cluster to run it
+        if self.auth:  # MLflow's basic-auth app, as docs/tracking.md tells a cluster to run it
             (self.root / "auth.ini").write_text(
                 f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"
                 f"admin_username = {self.ADMIN[0]}\nadmin_password = {self.ADMIN[1]}\n"

@@ -204,7 +204,7 @@ def test_odd_parameter_counts_train_at_every_zero_stage(tmp_path):
     for stage in (1, 2, 3):
         losses = json.loads(re.search(rf"stage {stage}: \d+ params, losses (\[.*\])", result.stdout).group(1))
         assert all(np.isfinite(losses)) and losses[-1] < losses[0], (stage, losses)
-        # what the README's precision section says: under the default bf16 autocast, ZeRO reduces the gradients
+        # what docs/benchmarks.md's precision section says: under the default bf16 autocast, ZeRO reduces the gradients
         # of Linear and Conv parameters in bf16 (DeepSpeed's torch_autocast), the others in fp32
         comm = json.loads(re.search(rf"stage {stage} reduces: (\[.*\])", result.stdout).group(1))
         assert sorted(map(tuple, comm)) == [("Conv2d", "bfloat16"), ("LayerNorm", "float32"), ("Linear", "bfloat16"),
