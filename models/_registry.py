@@ -44,11 +44,27 @@ def model_info(name: str) -> ModelInfo:
     return _MODELS[name]
 
 
-def create_model(name: str, checkpoint_path: str | None = None, **overrides) -> nn.Module:
+def pretrained_cfg(info: ModelInfo, model: nn.Module) -> dict:
+    """timm's pretrained_cfg (default_cfg) of a built variant, from the model table: the evaluation transform
+    (input size, crop_pct, interpolation, mean, std), the pooled map's size, the first conv and the classifier.
+    No download URL: weights come from an exported file (`checkpoint_path`, or timm's `pretrained_cfg_overlay=
+    dict(file=...)`)."""
+    side = model.img_size // model.feature_info[-1]["reduction"]
+    return {"architecture": info.name, "tag": "", "url": "", "num_classes": model.num_classes,
+            "input_size": (3, model.img_size, model.img_size), "pool_size": (side, side), "crop_pct": info.crop_pct,
+            "crop_mode": "center", "interpolation": "bicubic", "mean": info.mean, "std": info.std,
+            "first_conv": model.first_conv, "classifier": "head", "license": "apache-2.0",
+            # CS-Mixer's token mixing is sized for its G x G windows at every stage: only the built size runs
+            "fixed_input_size": info.family == "cs_mixer"}
+
+
+def create_model(name: str, checkpoint_path: str | None = None, features_only: bool = False,
+                 out_indices: int | list[int] | tuple[int, ...] | None = None, **overrides) -> nn.Module:
     """Build variant `name`; keyword overrides replace its constructor arguments
-    (num_classes, img_size, drop_path, and each family's structural knobs). With `checkpoint_path`
+    (num_classes, img_size, drop_path, global_pool, and each family's structural knobs). With `checkpoint_path`
     (a file from launch/export.py, timm's argument name) the weights are loaded, and the file's
-    num_classes/img_size are used unless overridden."""
+    num_classes/img_size are used unless overridden. features_only=True (timm's): a backbone returning the
+    stages' maps, NCHW (out_indices: which stages; default all), with feature_info.channels()/.reduction()."""
     info = model_info(name)
     allowed = [p for p in inspect.signature(info.model_class).parameters if p != "self"]
     unknown = sorted(set(overrides) - set(allowed))
@@ -66,9 +82,14 @@ def create_model(name: str, checkpoint_path: str | None = None, **overrides) -> 
     args.update({k: v for k, v in overrides.items() if v is not None})
     model = info.model_class(**args)
     model.model_name = name
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(info, model)
     if state is not None:
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
             raise ValueError(f"{checkpoint_path} does not fit {name} built with {overrides}: {e}") from None
+    if features_only:
+        from .layers import FeatureMaps
+
+        return FeatureMaps(model, out_indices)
     return model

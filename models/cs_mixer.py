@@ -12,7 +12,16 @@ import torch
 from torch import nn
 
 from ._registry import ModelInfo, register_model
-from .layers import DropPath, Mlp, checkpoint_seq, init_linear_and_norm, stochastic_depth_rates
+from .layers import (
+    DropPath,
+    FeatureInfo,
+    Mlp,
+    TimmModelApi,
+    _check_pool,
+    checkpoint_seq,
+    init_linear_and_norm,
+    stochastic_depth_rates,
+)
 
 
 def group_tokens(x: torch.Tensor, g: int, dilated: bool) -> torch.Tensor:
@@ -119,19 +128,24 @@ class CSMixerBlock(nn.Module):
         return f"group_size={self.group_size}, {'global' if self.dilated else 'local'}"
 
 
-class CSMixer(nn.Module):
+class CSMixer(TimmModelApi, nn.Module):
+    first_conv = tuple(f"stem.convs.{i}" for i in range(4))  # timm's pretrained_cfg: the input's convs
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
                  num_heads: tuple[int, ...] = (3, 6, 12, 24), head_dim: int = 4, group_size: int = 7,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, global_pool: str = "avg",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        _check_pool(global_pool)
         if len(depths) != len(num_heads):
             raise ValueError(f"CSMixer: depths {depths} and num_heads {num_heads} differ in length")
         if img_size % 4:
             raise ValueError(f"CSMixer: img_size {img_size} is not divisible by the stem's stride 4")
-        self.num_classes, self.img_size = num_classes, img_size
+        self.num_classes, self.img_size, self.global_pool, self.in_chans = num_classes, img_size, global_pool, in_chans
         self.grad_checkpointing = False
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
+        self.feature_info = FeatureInfo(dict(num_chs=d, reduction=4 * 2 ** i, module=f"stages.{i}")
+                                        for i, d in enumerate(dims))
         self.num_features = dims[-1]
         side = img_size // 4
         self.stem = CrossScaleStem(in_chans, embed_dim)
@@ -158,50 +172,27 @@ class CSMixer(nn.Module):
         for m in self.modules():
             if isinstance(m, SpatialChannelMixer):
                 m.reset_parameters()
+        if device is not None or dtype is not None:  # timm's factory passes them
+            self.to(device=device, dtype=dtype)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay beyond norms and biases (the 1-D ones)."""
         return {n for n, _ in self.named_parameters() if n.endswith("mix_bias")}
 
-    def layer_ids(self) -> dict[str, int]:
-        """Depth of each parameter for layer-wise lr decay (timm/BEiT convention): 0 the stem, 1..N the
-        blocks in order (a stage's downsample with its first block), N+1 the final norm and head."""
-        befores = [sum(len(s) - 1 for s in self.stages[:i]) for i in range(len(self.stages))]  # blocks before
-        top = sum(len(s) - 1 for s in self.stages) + 1
-        ids = {}
-        for name, _ in self.named_parameters():
-            parts = name.split(".")
-            if parts[0] == "stem":
-                ids[name] = 0
-            elif parts[0] == "stages":  # stages.i.0 is the downsample (Identity in stage 1), then the blocks
-                ids[name] = befores[int(parts[1])] + max(int(parts[2]), 1)
-            else:
-                ids[name] = top
-        return ids
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping (layer decay, freezing): the stem, then the blocks in order (a stage's
+        downsample, stages.i.0, with its first block); the final norm and head after them."""
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.0\.", (1,)), (r"^stages\.(\d+)\.(\d+)", None)]}
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch: recompute each block's activations in the backward pass (less memory, ~1/3
-        more compute)."""
-        self.grad_checkpointing = enable
+    def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = checkpoint_seq(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() else stage(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        if num_classes:
-            init_linear_and_norm(self.head)
+    def stage_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        stage = self.stages[i]
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
 
 
 def _variant(name: str, paper: dict | None = None, img_size: int = 224, **model_args) -> ModelInfo:

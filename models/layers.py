@@ -68,3 +68,184 @@ def checkpoint_seq(blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     for block in blocks:
         x = checkpoint(block, x, use_reentrant=False)
     return x
+
+
+# ----------------------------------------------------------------------------- timm's model API
+
+def feature_take_indices(num_features: int, indices: int | list[int] | tuple[int, ...] | None = None
+                         ) -> tuple[list[int], int]:
+    """timm's convention: None -> every stage, an int n -> the last n, a sequence -> those (negative from the
+    end). Returns (absolute indices, the largest)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {num_features})")
+        take = [num_features - indices + i for i in range(indices)]
+    else:
+        take = []
+        for i in indices:
+            idx = num_features + i if i < 0 else i
+            if not 0 <= idx < num_features:
+                raise ValueError(f"feature index {idx} is out of range (0 to {num_features - 1})")
+            take.append(idx)
+    return take, max(take)
+
+
+class FeatureInfo(list):
+    """timm's feature_info: a list of dicts (num_chs, reduction, module) with its accessors."""
+
+    def channels(self, idx: int | None = None) -> list[int] | int:
+        return self[idx]["num_chs"] if idx is not None else [f["num_chs"] for f in self]
+
+    def reduction(self, idx: int | None = None) -> list[int] | int:
+        return self[idx]["reduction"] if idx is not None else [f["reduction"] for f in self]
+
+    def module_name(self, idx: int | None = None) -> list[str] | str:
+        return self[idx]["module"] if idx is not None else [f["module"] for f in self]
+
+
+MATCH_PREV_GROUP = (99999,)  # timm's suffix: this group shares the depth of the one before it
+
+
+def layer_ids_from_matcher(model: nn.Module) -> dict[str, int]:
+    """Each parameter's depth from the model's group_matcher(coarse=False), as timm's layer-decay grouping
+    (group_with_matcher) reads it: matchers in order (stem first), a match's numbers (and suffix) as its key,
+    distinct keys numbered in sorted order, a key ending in MATCH_PREV_GROUP joining the depth before it;
+    what no matcher takes (norm, head) is the top."""
+    import re
+
+    compiled = []
+    for order, patterns in enumerate(model.group_matcher(coarse=False).values()):
+        for pattern, suffix in ([(patterns, None)] if isinstance(patterns, str) else patterns):
+            compiled.append((re.compile(pattern), order, suffix or ()))
+    keys = {}
+    for name, _ in model.named_parameters():
+        for regex, order, suffix in compiled:
+            match = regex.match(name)
+            if match:
+                keys[name] = (order, *(float(g) for g in match.groups() if g is not None), *suffix)
+                break
+        else:
+            keys[name] = (float("inf"),)
+    ordinal, depth = {}, -1
+    for key in sorted(set(keys.values())):
+        if depth < 0 or key[-1] != MATCH_PREV_GROUP[0]:
+            depth += 1
+        ordinal[key] = depth
+    return {name: ordinal[key] for name, key in keys.items()}
+
+
+class TimmModelApi:
+    """timm's model API over a family's layout: `stages` (a ModuleList), channels-last features (B, H, W, C),
+    a final `norm` and a `head`; the family gives `stem_forward`, `stage_forward(i, x)`, `group_matcher` and
+    `feature_info`. Pooling follows timm's `global_pool` ('avg', 'max', 'avgmax', or '' for none)."""
+
+    output_fmt = "NHWC"  # what forward_features returns
+    feature_dim = -1  # where its channels are, in forward_features' output and in the pooled features alike
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.num_features
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            _check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        like = self.norm.weight if isinstance(self.norm, nn.LayerNorm) else next(self.parameters())
+        self.head = nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype) \
+            if num_classes else nn.Identity()
+        self.head.train(self.training)
+        if num_classes:
+            init_linear_and_norm(self.head)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return x.mean(dim=(1, 2))
+        if self.global_pool == "max":
+            return x.amax(dim=(1, 2))
+        if self.global_pool == "avgmax":
+            return 0.5 * (x.mean(dim=(1, 2)) + x.amax(dim=(1, 2)))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_forward(x)
+        for i in range(len(self.stages)):
+            x = self.stage_forward(i, x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: recompute each block's activations in the backward pass (less memory, ~1/3 more
+        compute)."""
+        self.grad_checkpointing = enable
+
+    def layer_ids(self) -> dict[str, int]:
+        """Depth of each parameter for layer-wise lr decay: timm's reading of group_matcher."""
+        return layer_ids_from_matcher(self)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's forward_intermediates: each chosen stage's output (NCHW, or NHWC), and the final features.
+        `norm` applies the final norm to the last stage's map (the only one of its width)."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt {output_fmt!r}: expected 'NCHW' or 'NHWC'")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        intermediates = []
+        x = self.stem_forward(x)
+        for i in range(max_index + 1 if stop_early else len(self.stages)):
+            x = self.stage_forward(i, x)
+            if i in take:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if not stop_early or max_index == last else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last one `indices` needs (and the norm / head): a backbone of the rest."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.feature_info = FeatureInfo(self.feature_info[:max_index + 1])
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", "max", "avgmax", ""):
+        raise ValueError(f"global_pool {global_pool!r}: expected 'avg', 'max', 'avgmax' or '' (none)")
+
+
+class FeatureMaps(nn.Module):
+    """features_only=True: the model as a backbone that returns the chosen stages' maps (NCHW), as timm's
+    feature extractors do, with `feature_info` for those stages (channels(), reduction()). out_indices: timm's
+    convention (None: every stage, n: the last n, a sequence: those). The stages after the last one taken, the
+    final norm and the head are dropped."""
+
+    def __init__(self, model: nn.Module, out_indices: int | list[int] | tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        take, _ = feature_take_indices(len(model.stages), None if out_indices is None else
+                                       out_indices if isinstance(out_indices, int) else list(out_indices))
+        self.out_indices = take
+        self.feature_info = FeatureInfo(model.feature_info[i] for i in take)
+        model.prune_intermediate_layers(take, prune_norm=True, prune_head=True)
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True, stop_early=True)

@@ -11,7 +11,17 @@ import torch
 from torch import nn
 
 from ._registry import ModelInfo, register_model
-from .layers import DropPath, Mlp, checkpoint_seq, init_linear_and_norm, stochastic_depth_rates
+from .layers import (
+    MATCH_PREV_GROUP,
+    DropPath,
+    FeatureInfo,
+    Mlp,
+    TimmModelApi,
+    _check_pool,
+    checkpoint_seq,
+    init_linear_and_norm,
+    stochastic_depth_rates,
+)
 
 
 def _shift(x: torch.Tensor, axis: int, step: int) -> torch.Tensor:
@@ -25,8 +35,8 @@ def _shift(x: torch.Tensor, axis: int, step: int) -> torch.Tensor:
 def _shift_groups(x: torch.Tensor, moves: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """Split channels into 4 groups and move group i by moves[i] = (axis, step). Out of place:
     assigning a shifted slice onto an overlapping view of x gives device-dependent results."""
-    groups = x.chunk(4, dim=-1)
-    return torch.cat([_shift(g, axis, step) for g, (axis, step) in zip(groups, moves)], dim=-1)
+    q = x.shape[-1] // 4  # slices rather than chunk(): torch.fx can trace them (a chunk's parts cannot be iterated)
+    return torch.cat([_shift(x[..., i * q:(i + 1) * q], axis, step) for i, (axis, step) in enumerate(moves)], dim=-1)
 
 
 _H, _W = 1, 2  # spatial axes of a (B, H, W, C) tensor
@@ -63,6 +73,7 @@ class S2Block(nn.Module):
         super().__init__()
         if dim % 4:
             raise ValueError(f"S2MLPv2: block width {dim} is not divisible by the 4 shift groups")
+        self.dim = dim
         self.norm1 = nn.LayerNorm(dim)
         self.expand = nn.Linear(dim, dim * 3)
         self.attn = SplitAttention(dim)
@@ -72,17 +83,22 @@ class S2Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2, x3 = self.expand(self.norm1(x)).chunk(3, dim=-1)
+        y, d = self.expand(self.norm1(x)), self.dim
+        x1, x2, x3 = y[..., :d], y[..., d:2 * d], y[..., 2 * d:]  # as chunk(3), but traceable by torch.fx
         y = self.proj(self.attn(torch.stack([shift1(x1), shift2(x2), x3])))
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class S2MLPv2(nn.Module):
+class S2MLPv2(TimmModelApi, nn.Module):
+    first_conv = "patch_embed"  # timm's pretrained_cfg: the input's conv
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  patch_size: int = 7, embed_dims: tuple[int, ...] = (192, 384),
-                 depths: tuple[int, ...] = (4, 14), mlp_ratio: float = 3.0, drop_path: float = 0.0) -> None:
+                 depths: tuple[int, ...] = (4, 14), mlp_ratio: float = 3.0, drop_path: float = 0.0,
+                 global_pool: str = "avg", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        _check_pool(global_pool)
         if len(depths) != len(embed_dims):
             raise ValueError(f"S2MLPv2: depths {depths} and embed_dims {embed_dims} differ in length")
         if img_size % patch_size:
@@ -94,9 +110,11 @@ class S2MLPv2(nn.Module):
                 raise ValueError(f"S2MLPv2: stage {i + 1} downsamples a side of {side}, which is odd "
                                  f"(img_size {img_size}, patch size {patch_size})")
             side //= 2
-        self.num_classes, self.img_size = num_classes, img_size
+        self.num_classes, self.img_size, self.global_pool, self.in_chans = num_classes, img_size, global_pool, in_chans
         self.grad_checkpointing = False
         self.num_features = embed_dims[-1]
+        self.feature_info = FeatureInfo(dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}")
+                                        for i, d in enumerate(embed_dims))
         self.patch_embed = nn.Conv2d(in_chans, embed_dims[0], patch_size, stride=patch_size)
         rates = stochastic_depth_rates(drop_path, depths)
         self.downsamples = nn.ModuleList(
@@ -107,54 +125,29 @@ class S2MLPv2(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         self.apply(init_linear_and_norm)
+        if device is not None or dtype is not None:  # timm's factory passes them
+            self.to(device=device, dtype=dtype)
 
     def no_weight_decay(self) -> set[str]:
         """Nothing beyond norms and biases (the 1-D parameters)."""
         return set()
 
-    def layer_ids(self) -> dict[str, int]:
-        """Depth of each parameter for layer-wise lr decay (timm/BEiT convention): 0 the patch embedding,
-        1..N the blocks in order (a downsample with the next stage's first block), N+1 the norm and head."""
-        firsts = [sum(len(s) for s in self.stages[:i]) + 1 for i in range(len(self.stages))]
-        top = sum(len(s) for s in self.stages) + 1
-        ids = {}
-        for name, _ in self.named_parameters():
-            parts = name.split(".")
-            if parts[0] == "patch_embed":
-                ids[name] = 0
-            elif parts[0] == "stages":
-                ids[name] = firsts[int(parts[1])] + int(parts[2])
-            elif parts[0] == "downsamples":
-                ids[name] = firsts[int(parts[1]) + 1]
-            else:
-                ids[name] = top
-        return ids
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter grouping (layer decay, freezing): the patch embedding, then the blocks in order,
+        each downsample with the block before it (timm's MATCH_PREV_GROUP); the final norm and head after them."""
+        return {"stem": r"^patch_embed", "blocks": r"^stages\.(\d+)|^downsamples\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.(\d+)", None), (r"^downsamples\.(\d+)", MATCH_PREV_GROUP)]}
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch: recompute each block's activations in the backward pass (less memory, ~1/3
-        more compute)."""
-        self.grad_checkpointing = enable
+    def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x).permute(0, 2, 3, 1)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x).permute(0, 2, 3, 1)
-        for i, stage in enumerate(self.stages):
-            if i > 0:
-                x = self.downsamples[i - 1](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            x = checkpoint_seq(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() else stage(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        if num_classes:
-            init_linear_and_norm(self.head)
+    def stage_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i > 0:
+            x = self.downsamples[i - 1](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        stage = self.stages[i]
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
 
 
 def _variant(name: str, paper: dict | None = None, img_size: int = 224, crop_pct: float = 0.875,

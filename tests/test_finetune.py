@@ -101,7 +101,7 @@ def test_layer_decay_scales_each_depth_and_the_schedule_keeps_the_ratios():
     named = dict(model.named_parameters())
     assert by_param[id(named["head.weight"])]["lr"] == pytest.approx(1e-3)
     assert by_param[id(named["patch_embed.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 5)
-    assert by_param[id(named["downsamples.0.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)  # with block 3
+    assert by_param[id(named["downsamples.0.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 3)  # with block 2
     assert by_param[id(named["stages.1.0.proj.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)
     assert by_param[id(named["stages.0.0.norm1.weight"])]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(named)

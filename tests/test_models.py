@@ -6,10 +6,12 @@ import sys
 
 import pytest
 import torch
+import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
 from conftest import REPO, run_script
+from models import create_model, model_info
 from models.cs_mixer import SpatialChannelMixer, group_tokens, ungroup_tokens
 from models.s2mlpv2 import shift1, shift2
 
@@ -232,3 +234,59 @@ def test_grad_checkpointing_gives_the_same_gradients_with_less_activation_memory
     checkpointed = activation_mb_per_image(model, 32, False, torch.device("cpu"))
     print(f"{name}: {full:.3f} -> {checkpointed:.3f} MB of saved activations per image")
     assert checkpointed < 0.3 * full
+
+
+FULL_SIZE = ["cs_mixer_t", "cs_mixer_s", "cs_mixer_b", "cs_mixer_l", "s2mlpv2_small", "s2mlpv2_medium"]
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_feature_pyramid_of_every_full_size_variant(name):
+    """features_only=True (timm's convention): the stages' maps, NCHW, their channels and reductions as
+    feature_info says (built and run on the meta device: shapes without compute)."""
+    with torch.device("meta"):
+        backbone = create_model(name, features_only=True)
+        maps = backbone(torch.empty(2, 3, 224, 224))
+    info = backbone.feature_info
+    print(name, "channels", info.channels(), "reductions", info.reduction())
+    expected = {"cs_mixer_t": [64, 128, 256, 512], "cs_mixer_s": [96, 192, 384, 768], "cs_mixer_b": [96, 192, 384, 768],
+                "cs_mixer_l": [128, 256, 512, 1024], "s2mlpv2_small": [192, 384], "s2mlpv2_medium": [256, 512]}[name]
+    assert info.channels() == expected
+    assert info.reduction() == ([4, 8, 16, 32] if name.startswith("cs_mixer") else [7, 14])
+    assert [tuple(m.shape) for m in maps] == [(2, c, 224 // r, 224 // r) for c, r in zip(expected, info.reduction())]
+    last = create_model(name, features_only=True, out_indices=(-1,)).feature_info  # out_indices, timm's way
+    assert last.channels() == expected[-1:]
+
+
+@pytest.mark.parametrize("name", ["cs_mixer_tiny", "s2mlpv2_tiny"])
+def test_the_timm_model_api(name):
+    """forward_features / forward_head(pre_logits), reset_classifier(n, global_pool), forward_intermediates,
+    prune_intermediate_layers, pretrained_cfg from the model table, and torch.fx tracing."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    cfg = model.pretrained_cfg
+    assert cfg is model.default_cfg and cfg["input_size"] == (3, 32, 32) and cfg["classifier"] == "head"
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == model_info(name).crop_pct
+    first = (cfg["first_conv"],) if isinstance(cfg["first_conv"], str) else cfg["first_conv"]
+    assert all(f"{c}.weight" in model.state_dict() for c in first)
+    features = model.forward_features(x)  # channels-last, as output_fmt says
+    assert model.output_fmt == "NHWC" and features.shape[1:3] == cfg["pool_size"]
+    assert features.shape[-1] == model.num_features == model.head_hidden_size
+    pre = model.forward_head(features, pre_logits=True)
+    assert torch.equal(model(x), model.get_classifier()(pre))
+    final, stages = model.forward_intermediates(x)
+    assert torch.equal(final, features) and len(stages) == len(model.feature_info)
+    assert [s.shape[1] for s in stages] == model.feature_info.channels()
+    assert torch.equal(model.forward_intermediates(x, indices=1, intermediates_only=True)[0], stages[-1])
+    traced = torch.fx.symbolic_trace(model)
+    assert torch.equal(traced(x), model(x))
+    model.reset_classifier(0)
+    assert model.num_classes == 0 and torch.equal(model(x), pre)
+    model.reset_classifier(0, "")  # no pooling: the unpooled map
+    assert torch.equal(model(x), features) and not model.head.training  # the new head follows eval()
+    unpooled = create_model(name, num_classes=0, global_pool="")
+    assert unpooled(x).ndim == 4
+    kept = model.prune_intermediate_layers([0], prune_norm=True)
+    assert kept == [0] and len(model.stages) == 1 and len(model.feature_info) == 1
+    with pytest.raises(ValueError, match="global_pool 'mean'"):
+        create_model(name, global_pool="mean")
