@@ -17,7 +17,7 @@ from .layers import (
     FeatureInfo,
     Mlp,
     TimmModelApi,
-    _check_pool,
+    check_global_pool,
     checkpoint_seq,
     init_linear_and_norm,
     stochastic_depth_rates,
@@ -136,7 +136,7 @@ class CSMixer(TimmModelApi, nn.Module):
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, global_pool: str = "avg",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        _check_pool(global_pool)
+        check_global_pool(global_pool)
         if len(depths) != len(num_heads):
             raise ValueError(f"CSMixer: depths {depths} and num_heads {num_heads} differ in length")
         if img_size % 4:

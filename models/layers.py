@@ -153,7 +153,7 @@ class TimmModelApi:
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None:
-            _check_pool(global_pool)
+            check_global_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
         like = self.norm.weight if isinstance(self.norm, nn.LayerNorm) else next(self.parameters())
@@ -227,7 +227,7 @@ class TimmModelApi:
         return take
 
 
-def _check_pool(global_pool: str) -> None:
+def check_global_pool(global_pool: str) -> None:
     if global_pool not in ("avg", "max", "avgmax", ""):
         raise ValueError(f"global_pool {global_pool!r}: expected 'avg', 'max', 'avgmax' or '' (none)")
 

@@ -17,7 +17,7 @@ from .layers import (
     FeatureInfo,
     Mlp,
     TimmModelApi,
-    _check_pool,
+    check_global_pool,
     checkpoint_seq,
     init_linear_and_norm,
     stochastic_depth_rates,
@@ -98,7 +98,7 @@ class S2MLPv2(TimmModelApi, nn.Module):
                  global_pool: str = "avg", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        _check_pool(global_pool)
+        check_global_pool(global_pool)
         if len(depths) != len(embed_dims):
             raise ValueError(f"S2MLPv2: depths {depths} and embed_dims {embed_dims} differ in length")
         if img_size % patch_size:

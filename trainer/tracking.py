@@ -88,14 +88,19 @@ def default_uri(output_dir: str) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+def quick_http() -> None:
+    """A hung or refusing server costs a request 10 s, not minutes: the tracker retries by itself."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+
 class Tracker:
     """Rank 0's MLflow run. Every public method returns at once; `finish` waits (bounded)."""
 
     def __init__(self, uri: str, experiment: str, run_dir: Path, run_name: str, run_id: str | None,
                  artifact_root: str | None = None, system_metrics: bool = True, retry_s: float = 10.0,
                  queue_size: int = 10_000, log=print, background: bool = True, parent_run_id: str | None = None) -> None:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")   # a hung server costs the sender 10 s,
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # not minutes; we retry ourselves
+        quick_http()
         self.uri, self.experiment, self.run_name, self.artifact_root = uri, experiment, run_name, artifact_root
         self.run_id, self.resumed = run_id, run_id is not None
         self.parent_run_id = parent_run_id
@@ -441,8 +446,7 @@ def start_run_tracking(cfg, run_dir: Path, world_size: int, run_id: str | None, 
     from models import model_info
 
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(cfg.train.output_dir)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    quick_http()
     check_access(uri)
     tracker = Tracker(uri, cfg.tracking.experiment, run_dir, run_dir.name, run_id, artifact_root=local_artifact_root(uri),
                       system_metrics=cfg.tracking.system_metrics, retry_s=cfg.tracking.retry_s, log=log,
