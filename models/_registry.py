@@ -54,6 +54,7 @@ def pretrained_cfg(info: ModelInfo, model: nn.Module) -> dict:
             "input_size": (3, model.img_size, model.img_size), "pool_size": (side, side), "crop_pct": info.crop_pct,
             "crop_mode": "center", "interpolation": "bicubic", "mean": info.mean, "std": info.std,
             "first_conv": model.first_conv, "classifier": "head", "license": "apache-2.0",
+            "paper_name": {"cs_mixer": "CS-Mixer", "s2mlpv2": "S2-MLPv2"}[info.family],
             # CS-Mixer's token mixing is sized for its G x G windows at every stage: only the built size runs
             "fixed_input_size": info.family == "cs_mixer"}
 
@@ -75,6 +76,8 @@ def create_model(name: str, checkpoint_path: str | None = None, features_only: b
         from .exported import load_exported
 
         state, header = load_exported(checkpoint_path)
+        convert = getattr(info.model_class, "convert_legacy_state", None)
+        state = convert(state) if convert else state
         if header["model"] != name:
             raise ValueError(f"{checkpoint_path} holds weights of {header['model']!r}, not {name!r}")
         overrides = {**header["model_args"], **{k: v for k, v in overrides.items() if v is not None}}

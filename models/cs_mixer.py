@@ -18,8 +18,8 @@ from .layers import (
     Mlp,
     TimmModelApi,
     check_global_pool,
-    checkpoint_seq,
     init_linear_and_norm,
+    square_side,
     stochastic_depth_rates,
 )
 
@@ -55,8 +55,8 @@ class CrossScaleStem(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([conv(x) for conv in self.convs], dim=1)
-        return self.norm(x.permute(0, 2, 3, 1))
+        maps = [conv(x) for conv in self.convs]
+        return self.norm(torch.cat(maps, dim=1).permute(0, 2, 3, 1))
 
 
 class CrossScaleDownsample(nn.Module):
@@ -130,13 +130,14 @@ class CSMixerBlock(nn.Module):
 
 class CSMixer(TimmModelApi, nn.Module):
     first_conv = tuple(f"stem.convs.{i}" for i in range(4))  # timm's pretrained_cfg: the input's convs
-    def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
+    def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 96, depths: tuple[int, ...] = (2, 2, 6, 2),
                  num_heads: tuple[int, ...] = (3, 6, 12, 24), head_dim: int = 4, group_size: int = 7,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, global_pool: str = "avg",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_global_pool(global_pool)
+        img_size = square_side(img_size, "CSMixer")
         if len(depths) != len(num_heads):
             raise ValueError(f"CSMixer: depths {depths} and num_heads {num_heads} differ in length")
         if img_size % 4:
@@ -187,12 +188,6 @@ class CSMixer(TimmModelApi, nn.Module):
 
     def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x)
-
-    def stage_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        stage = self.stages[i]
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint_seq(stage, x)
-        return stage(x)
 
 
 def _variant(name: str, paper: dict | None = None, img_size: int = 224, **model_args) -> ModelInfo:

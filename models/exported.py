@@ -22,6 +22,23 @@ def save_exported(path: str | Path, model_name: str, state: dict[str, torch.Tens
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=header)
 
 
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The header of a safetensors file without reading its tensors; our JSON values decoded where it is ours."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    if header.get("format") != FORMAT:
+        return header
+    return {k: (v if k in ("format", "model") else json.loads(v)) for k, v in header.items()}
+
+
 def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, header) of an exported file; the header's JSON values decoded."""
     from safetensors import SafetensorError, safe_open

@@ -1,5 +1,4 @@
 """Layers shared by both model families."""
-from __future__ import annotations
 
 import torch
 from torch import nn
@@ -11,7 +10,7 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    mask = x.new_empty([x.shape[0]] + [1] * (x.ndim - 1)).bernoulli_(keep)  # lists: TorchScript-able
     return x * mask / keep
 
 
@@ -137,12 +136,15 @@ def layer_ids_from_matcher(model: nn.Module) -> dict[str, int]:
 
 
 class TimmModelApi:
-    """timm's model API over a family's layout: `stages` (a ModuleList), channels-last features (B, H, W, C),
-    a final `norm` and a `head`; the family gives `stem_forward`, `stage_forward(i, x)`, `group_matcher` and
-    `feature_info`. Pooling follows timm's `global_pool` ('avg', 'max', 'avgmax', or '' for none)."""
+    """timm's model API over a family's layout: a stem, `stages` (a ModuleList of Sequentials, each starting with
+    its downsample), channels-last features (B, H, W, C), a final `norm` and a `head`; the family gives
+    `stem_forward`, `group_matcher` and `feature_info` (whose level 0 is the stem where `stem_is_feature`).
+    Pooling follows timm's `global_pool` ('avg', 'max', 'avgmax', or '' for none). `forward` is TorchScript-able
+    and torch.fx-traceable."""
 
     output_fmt = "NHWC"  # what forward_features returns
     feature_dim = -1  # where its channels are, in forward_features' output and in the pooled features alike
+    stem_is_feature = False
 
     @property
     def head_hidden_size(self) -> int:
@@ -178,8 +180,11 @@ class TimmModelApi:
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem_forward(x)
-        for i in range(len(self.stages)):
-            x = self.stage_forward(i, x)
+        for stage in self.stages:
+            if torch.jit.is_scripting() or not (self.grad_checkpointing and torch.is_grad_enabled()):
+                x = stage(x)
+            else:
+                x = checkpoint_seq(stage, x)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,34 +202,53 @@ class TimmModelApi:
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's forward_intermediates: each chosen stage's output (NCHW, or NHWC), and the final features.
-        `norm` applies the final norm to the last stage's map (the only one of its width)."""
+        """timm's forward_intermediates: the chosen feature levels (NCHW, or NHWC), and the final features.
+        Levels are feature_info's: each stage's output (after the stem, where it is a level). `norm` applies
+        the final norm to the last stage's map (the only one of its width)."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt {output_fmt!r}: expected 'NCHW' or 'NHWC'")
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        last = len(self.stages) - 1
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        offset = int(self.stem_is_feature)
+        last = len(self.feature_info) - 1
         intermediates = []
-        x = self.stem_forward(x)
-        for i in range(max_index + 1 if stop_early else len(self.stages)):
-            x = self.stage_forward(i, x)
-            if i in take:
-                y = self.norm(x) if norm and i == last else x
+
+        def keep(level: int, y: torch.Tensor) -> None:
+            if level in take:
+                y = self.norm(y) if norm and level == last else y
                 intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+
+        x = self.stem_forward(x)
+        if offset:
+            keep(0, x)
+        for i, stage in enumerate(self.stages):
+            if stop_early and i + offset > max_index:
+                break
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and torch.is_grad_enabled() else stage(x)
+            keep(i + offset, x)
         if intermediates_only:
             return intermediates
         return (self.norm(x) if not stop_early or max_index == last else x), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last one `indices` needs (and the norm / head): a backbone of the rest."""
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
+        """Drop the stages after the last level `indices` needs (and the norm / head): a backbone of the rest."""
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        self.stages = self.stages[:max(max_index + 1 - int(self.stem_is_feature), 0)]
         self.feature_info = FeatureInfo(self.feature_info[:max_index + 1])
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
         return take
+
+
+def square_side(img_size: int | tuple[int, int] | list[int], family: str) -> int:
+    """img_size as an int; timm passes (H, W), which must be square here (both families are built for one side)."""
+    if isinstance(img_size, (tuple, list)):
+        if len(img_size) != 2 or img_size[0] != img_size[1]:
+            raise ValueError(f"{family}: img_size {tuple(img_size)}: expected one side or a square (H, W)")
+        return int(img_size[0])
+    return int(img_size)
 
 
 def check_global_pool(global_pool: str) -> None:
@@ -240,7 +264,7 @@ class FeatureMaps(nn.Module):
 
     def __init__(self, model: nn.Module, out_indices: int | list[int] | tuple[int, ...] | None = None) -> None:
         super().__init__()
-        take, _ = feature_take_indices(len(model.stages), None if out_indices is None else
+        take, _ = feature_take_indices(len(model.feature_info), None if out_indices is None else
                                        out_indices if isinstance(out_indices, int) else list(out_indices))
         self.out_indices = take
         self.feature_info = FeatureInfo(model.feature_info[i] for i in take)

@@ -12,14 +12,13 @@ from torch import nn
 
 from ._registry import ModelInfo, register_model
 from .layers import (
-    MATCH_PREV_GROUP,
     DropPath,
     FeatureInfo,
     Mlp,
     TimmModelApi,
     check_global_pool,
-    checkpoint_seq,
     init_linear_and_norm,
+    square_side,
     stochastic_depth_rates,
 )
 
@@ -32,22 +31,23 @@ def _shift(x: torch.Tensor, axis: int, step: int) -> torch.Tensor:
     return torch.cat([x.narrow(axis, 1, n - 1), x.narrow(axis, n - 1, 1)], dim=axis)
 
 
-def _shift_groups(x: torch.Tensor, moves: tuple[tuple[int, int], ...]) -> torch.Tensor:
+def _shift_groups(x: torch.Tensor, moves: list[tuple[int, int]]) -> torch.Tensor:
     """Split channels into 4 groups and move group i by moves[i] = (axis, step). Out of place:
     assigning a shifted slice onto an overlapping view of x gives device-dependent results."""
     q = x.shape[-1] // 4  # slices rather than chunk(): torch.fx can trace them (a chunk's parts cannot be iterated)
-    return torch.cat([_shift(x[..., i * q:(i + 1) * q], axis, step) for i, (axis, step) in enumerate(moves)], dim=-1)
+    parts: list[torch.Tensor] = []
+    for i, move in enumerate(moves):
+        parts.append(_shift(x[..., i * q:(i + 1) * q], move[0], move[1]))
+    return torch.cat(parts, dim=-1)
 
 
-_H, _W = 1, 2  # spatial axes of a (B, H, W, C) tensor
-
-
+# The moves as (axis, step) of a (B, H, W, C) tensor: axis 1 is H, axis 2 is W (literals: TorchScript).
 def shift1(x: torch.Tensor) -> torch.Tensor:
-    return _shift_groups(x, ((_W, 1), (_W, -1), (_H, 1), (_H, -1)))
+    return _shift_groups(x, [(2, 1), (2, -1), (1, 1), (1, -1)])  # W+, W-, H+, H-
 
 
 def shift2(x: torch.Tensor) -> torch.Tensor:
-    return _shift_groups(x, ((_H, 1), (_H, -1), (_W, 1), (_W, -1)))
+    return _shift_groups(x, [(1, 1), (1, -1), (2, 1), (2, -1)])  # H+, H-, W+, W-
 
 
 class SplitAttention(nn.Module):
@@ -90,15 +90,28 @@ class S2Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class Downsample(nn.Conv2d):
+    """The 2x2 stride-2 patch merge between stages, on channels-last maps (a Conv2d, so its weights keep the
+    conv's names)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(in_dim, out_dim, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)
+
+
 class S2MLPv2(TimmModelApi, nn.Module):
     first_conv = "patch_embed"  # timm's pretrained_cfg: the input's conv
-    def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
+    stem_is_feature = True  # feature level 0 is the patch embedding (see feature_info)
+    def __init__(self, img_size: int | tuple[int, int] = 224, in_chans: int = 3, num_classes: int = 1000,
                  patch_size: int = 7, embed_dims: tuple[int, ...] = (192, 384),
                  depths: tuple[int, ...] = (4, 14), mlp_ratio: float = 3.0, drop_path: float = 0.0,
                  global_pool: str = "avg", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_global_pool(global_pool)
+        img_size = square_side(img_size, "S2MLPv2")
         if len(depths) != len(embed_dims):
             raise ValueError(f"S2MLPv2: depths {depths} and embed_dims {embed_dims} differ in length")
         if img_size % patch_size:
@@ -113,14 +126,16 @@ class S2MLPv2(TimmModelApi, nn.Module):
         self.num_classes, self.img_size, self.global_pool, self.in_chans = num_classes, img_size, global_pool, in_chans
         self.grad_checkpointing = False
         self.num_features = embed_dims[-1]
-        self.feature_info = FeatureInfo(dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}")
-                                        for i, d in enumerate(embed_dims))
+        # The patch embedding is a feature level too (timm exposes a CNN's stem the same way): with only two
+        # stages, a backbone would otherwise give a two-level pyramid.
+        self.feature_info = FeatureInfo([dict(num_chs=embed_dims[0], reduction=patch_size, module="patch_embed")] + [
+            dict(num_chs=d, reduction=patch_size * 2 ** i, module=f"stages.{i}") for i, d in enumerate(embed_dims)])
         self.patch_embed = nn.Conv2d(in_chans, embed_dims[0], patch_size, stride=patch_size)
         rates = stochastic_depth_rates(drop_path, depths)
-        self.downsamples = nn.ModuleList(
-            nn.Conv2d(embed_dims[i - 1], embed_dims[i], 2, stride=2) for i in range(1, len(depths)))
+        # stages.i.0 is the stage's 2x2 stride-2 downsample (an identity in the first), as in CS-Mixer
         self.stages = nn.ModuleList(
-            nn.Sequential(*[S2Block(dim, mlp_ratio, rates[i][j]) for j in range(depth)])
+            nn.Sequential(Downsample(embed_dims[i - 1], dim) if i else nn.Identity(),
+                          *[S2Block(dim, mlp_ratio, rates[i][j]) for j in range(depth)])
             for i, (dim, depth) in enumerate(zip(embed_dims, depths)))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
@@ -128,26 +143,34 @@ class S2MLPv2(TimmModelApi, nn.Module):
         if device is not None or dtype is not None:  # timm's factory passes them
             self.to(device=device, dtype=dtype)
 
+    @staticmethod
+    def convert_legacy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weights saved before the downsamples moved into their stages (downsamples.i -> stages.i+1.0, and each
+        stage's blocks one place on): renamed, so older exported files still load. Others pass unchanged."""
+        if not any(k.startswith("downsamples.") for k in state):
+            return state
+        import re
+
+        def rename(key: str) -> str:
+            if m := re.match(r"downsamples\.(\d+)\.(.*)", key):
+                return f"stages.{int(m[1]) + 1}.0.{m[2]}"
+            if m := re.match(r"stages\.(\d+)\.(\d+)\.(.*)", key):
+                return f"stages.{m[1]}.{int(m[2]) + 1}.{m[3]}"
+            return key
+        return {rename(k): v for k, v in state.items()}
+
     def no_weight_decay(self) -> set[str]:
         """Nothing beyond norms and biases (the 1-D parameters)."""
         return set()
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's parameter grouping (layer decay, freezing): the patch embedding, then the blocks in order,
-        each downsample with the block before it (timm's MATCH_PREV_GROUP); the final norm and head after them."""
-        return {"stem": r"^patch_embed", "blocks": r"^stages\.(\d+)|^downsamples\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.(\d+)", None), (r"^downsamples\.(\d+)", MATCH_PREV_GROUP)]}
+        """timm's parameter grouping (layer decay, freezing): the patch embedding, then the blocks in order (a
+        stage's downsample, stages.i.0, with its first block); the final norm and head after them."""
+        return {"stem": r"^patch_embed", "blocks": r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.0\.", (1,)), (r"^stages\.(\d+)\.(\d+)", None)]}
 
     def stem_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x).permute(0, 2, 3, 1)
-
-    def stage_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if i > 0:
-            x = self.downsamples[i - 1](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        stage = self.stages[i]
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint_seq(stage, x)
-        return stage(x)
 
 
 def _variant(name: str, paper: dict | None = None, img_size: int = 224, crop_pct: float = 0.875,

@@ -43,8 +43,11 @@ fi
 pip_install() {
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v '^WARNING: Location' >&2)
 }
-# Torch first, by itself: on a GPU host the same pin resolves to the CUDA build.
-pip_install torch==2.13.0
+# Torch first, by itself, with the torchvision built for it (timm imports torchvision): PyPI's
+# torch 2.14.1 wheel is the CUDA build, which also runs on a CPU, so clusters and CPU machines run
+# the same bits. torch 2.13.0's CPU wheel had no matching torchvision on PyPI, so timm could not
+# import beside it.
+pip_install torch==2.14.1 torchvision==0.29.1
 # DeepSpeed's build isolation would pull a different torch into its build env: build against ours.
 "$VENV/bin/python" -c "import deepspeed" 2>/dev/null || {
   pip_install -c constraints.txt setuptools wheel
@@ -62,7 +65,8 @@ fi
 pip_install -c constraints.txt -e ".[$extras]"
 "$VENV/bin/python" - <<'PY'
 import torch
-assert torch.__version__.split("+")[0] == "2.13.0", f"torch was replaced: {torch.__version__}"
+assert torch.__version__.split("+")[0] == "2.14.1", f"torch was replaced: {torch.__version__}"
+import timm, torchvision  # noqa: E401,F401  (fails here, not in a test, if they do not match)
 PY
 stamp_value > "$STAMP"
 echo "[setup] done: $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"

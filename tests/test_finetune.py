@@ -95,15 +95,17 @@ def test_init_from_a_missing_path_fails_at_start(tmp_path):
 
 
 def test_layer_decay_scales_each_depth_and_the_schedule_keeps_the_ratios():
-    model = create_model("s2mlpv2_tiny")  # depths (2, 2): ids 0 (patch embed), 1-4 (blocks), 5 (norm, head)
+    model = create_model("s2mlpv2_tiny")  # depths (2, 2): ids 0 (patch embed), 1-4 (blocks), 5 (norm, head);
+    # stages.1.0 is stage 2's downsample, with its first block (stages.1.1)
     groups = param_groups(model, 0.05, 1e-3, layer_decay=0.5)
     by_param = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert by_param[id(named["head.weight"])]["lr"] == pytest.approx(1e-3)
     assert by_param[id(named["patch_embed.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 5)
-    assert by_param[id(named["downsamples.0.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 3)  # with block 2
-    assert by_param[id(named["stages.1.0.proj.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)
-    assert by_param[id(named["stages.0.0.norm1.weight"])]["weight_decay"] == 0.0
+    assert by_param[id(named["stages.0.2.proj.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 3)  # block 2
+    assert by_param[id(named["stages.1.0.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)  # with block 3
+    assert by_param[id(named["stages.1.1.proj.weight"])]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)
+    assert by_param[id(named["stages.0.1.norm1.weight"])]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(named)
     cfg = load_config(find_config("s2mlpv2_tiny"), ["optim.layer_decay=0.5"])
     opt = torch.optim.AdamW(groups)

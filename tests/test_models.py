@@ -189,7 +189,7 @@ def test_invalid_geometry_fails_at_construction(name, overrides, message):
 def test_create_model_overrides():
     m = models.create_model("s2mlpv2_tiny", num_classes=7, img_size=64, drop_path=0.2)
     assert m(torch.randn(1, 3, 64, 64)).shape == (1, 7)
-    assert m.stages[-1][-1].drop_path.p == pytest.approx(0.2) and m.stages[0][0].drop_path.p == 0
+    assert m.stages[-1][-1].drop_path.p == pytest.approx(0.2) and m.stages[0][1].drop_path.p == 0  # [0]: the downsample slot
     with pytest.raises(TypeError, match="unknown override.*heads"):
         models.create_model("cs_mixer_tiny", heads=3)
     m.reset_classifier(3)
@@ -242,16 +242,18 @@ FULL_SIZE = ["cs_mixer_t", "cs_mixer_s", "cs_mixer_b", "cs_mixer_l", "s2mlpv2_sm
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_feature_pyramid_of_every_full_size_variant(name):
     """features_only=True (timm's convention): the stages' maps, NCHW, their channels and reductions as
-    feature_info says (built and run on the meta device: shapes without compute)."""
+    feature_info says (built and run on the meta device: shapes without compute). S2-MLPv2 has two stages; its
+    patch embedding is level 0, as timm exposes a CNN's stem."""
     with torch.device("meta"):
         backbone = create_model(name, features_only=True)
         maps = backbone(torch.empty(2, 3, 224, 224))
     info = backbone.feature_info
     print(name, "channels", info.channels(), "reductions", info.reduction())
     expected = {"cs_mixer_t": [64, 128, 256, 512], "cs_mixer_s": [96, 192, 384, 768], "cs_mixer_b": [96, 192, 384, 768],
-                "cs_mixer_l": [128, 256, 512, 1024], "s2mlpv2_small": [192, 384], "s2mlpv2_medium": [256, 512]}[name]
+                "cs_mixer_l": [128, 256, 512, 1024], "s2mlpv2_small": [192, 192, 384],
+                "s2mlpv2_medium": [256, 256, 512]}[name]
     assert info.channels() == expected
-    assert info.reduction() == ([4, 8, 16, 32] if name.startswith("cs_mixer") else [7, 14])
+    assert info.reduction() == ([4, 8, 16, 32] if name.startswith("cs_mixer") else [7, 7, 14])
     assert [tuple(m.shape) for m in maps] == [(2, c, 224 // r, 224 // r) for c, r in zip(expected, info.reduction())]
     last = create_model(name, features_only=True, out_indices=(-1,)).feature_info  # out_indices, timm's way
     assert last.channels() == expected[-1:]
@@ -260,7 +262,7 @@ def test_feature_pyramid_of_every_full_size_variant(name):
 @pytest.mark.parametrize("name", ["cs_mixer_tiny", "s2mlpv2_tiny"])
 def test_the_timm_model_api(name):
     """forward_features / forward_head(pre_logits), reset_classifier(n, global_pool), forward_intermediates,
-    prune_intermediate_layers, pretrained_cfg from the model table, and torch.fx tracing."""
+    prune_intermediate_layers, pretrained_cfg from the model table, torch.fx tracing and TorchScript."""
     torch.manual_seed(0)
     model = create_model(name).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -280,13 +282,14 @@ def test_the_timm_model_api(name):
     assert torch.equal(model.forward_intermediates(x, indices=1, intermediates_only=True)[0], stages[-1])
     traced = torch.fx.symbolic_trace(model)
     assert torch.equal(traced(x), model(x))
+    assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-6)
     model.reset_classifier(0)
     assert model.num_classes == 0 and torch.equal(model(x), pre)
     model.reset_classifier(0, "")  # no pooling: the unpooled map
     assert torch.equal(model(x), features) and not model.head.training  # the new head follows eval()
     unpooled = create_model(name, num_classes=0, global_pool="")
     assert unpooled(x).ndim == 4
-    kept = model.prune_intermediate_layers([0], prune_norm=True)
-    assert kept == [0] and len(model.stages) == 1 and len(model.feature_info) == 1
+    kept = model.prune_intermediate_layers([0], prune_norm=True)  # level 0: S2-MLPv2's stem, CS-Mixer's stage 1
+    assert kept == [0] and len(model.stages) == (0 if model.stem_is_feature else 1) and len(model.feature_info) == 1
     with pytest.raises(ValueError, match="global_pool 'mean'"):
         create_model(name, global_pool="mean")
