@@ -756,8 +756,9 @@ class MixupCutmix:
         ratio = math.sqrt(1.0 - lam)  # timm rand_bbox: centre uniform, box clipped at the borders
         cut_h, cut_w = int(h * ratio), int(w * ratio)
         cy, cx = (int(v) for v in (torch.randint(h, (), generator=g), torch.randint(w, (), generator=g)))
-        y0, y1 = min(max(cy - cut_h // 2, 0), h), min(max(cy + cut_h // 2, 0), h)
-        x0, x1 = min(max(cx - cut_w // 2, 0), w), min(max(cx + cut_w // 2, 0), w)
+        # an odd cut keeps its full size, as timm >= 1.0.26 rounds it (older timm dropped a row/column)
+        y0, y1 = min(max(cy - cut_h // 2, 0), h), min(max(cy + (cut_h + 1) // 2, 0), h)
+        x0, x1 = min(max(cx - cut_w // 2, 0), w), min(max(cx + (cut_w + 1) // 2, 0), w)
         return 1.0 - (y1 - y0) * (x1 - x0) / (h * w), (y0, y1, x0, x1)
 
     def __call__(self, x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ from data_pipeline.augment import (
     RAND_TRANSFORMS,
     AutoAugment,
     DeviceAugment,
+    HostPlan,
     MixupCutmix,
     RandAugment,
     RandomErasing,
@@ -484,3 +485,164 @@ def test_stage_moves_its_plan_in_one_copy_and_launches_few_ops():
     print(figures)
     assert figures["stage_h2d_copies_per_batch"] == 1.0
     assert figures["stage_ops_per_batch"] <= 300
+
+
+# ----------------------------------------------------------------------------- timm as the oracle
+# timm's own transforms on the same images, with timm's draws forced to ours: its `random` / numpy.random calls
+# answered from our recorded plan (op, applied, magnitude, sign; erasing boxes and fills; Mixup coins, lambda and
+# CutMix centre). Any difference is then a difference in what the ops do, not in what was drawn.
+
+class Scripted:
+    """A stand-in for the `random` module (or numpy.random) that answers each call from a queue per function."""
+
+    def __init__(self, **queues) -> None:
+        self.queues = {k: list(v) for k, v in queues.items()}
+
+    def __getattr__(self, name):
+        if name not in self.queues:
+            raise AttributeError(f"timm drew {name}(), which the test did not script")
+        return lambda *args, **kwargs: self.queues[name].pop(0)
+
+
+def timm_ops_forced(monkeypatch, plan, names, i):
+    """Sample i's ops as timm AugmentOp calls with our draws: each op reads its prob check, magnitude and sign."""
+    import timm.data.auto_augment as taa
+
+    def forced(op, layer):
+        def run(img):
+            apply, sign = bool(layer.apply[i]), float(layer.sign[i])
+            draws = ([0.0 if apply else 1.0] if op.prob < 1.0 else []) + [1.0 if sign < 0 else 0.0]
+            m = float(layer.magnitude[i])
+            monkeypatch.setattr(taa, "random", Scripted(random=draws, gauss=[m], uniform=[m]))
+            return op(img)
+        return run
+    return forced
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd101", "rand-m9-mstd0.5", "autoaug-imagenet"])
+def test_auto_augment_equals_timms_transform_on_forced_draws(monkeypatch, spec):
+    """Images whose ops are all photometric match timm exactly; a geometric op may be 1 off on a few pixels
+    (bicubic in float32 here, in double in Pillow: see test_op_matches_pillow), which a later LUT op (equalize,
+    posterize, ...) can widen. timm's Posterize of 0 bits (magnitude < 2.5) raises in Pillow >= 11; ours gives
+    black, as Pillow did before: those images are counted and left out."""
+    import timm.data.auto_augment as taa
+
+    hparams = dict(img_mean=IMAGENET_FILL, interpolation=Image.BICUBIC, translate_pct=0.45)
+    theirs = taa.auto_augment_transform("original", hparams) if spec.startswith("autoaug") else \
+        taa.rand_augment_transform(spec, hparams)
+    ours = build_auto_augment(spec, gen(21))
+    n = 96
+    x = textured(n, seed=21)
+    plan = ours.sample(n)
+    out = ours.apply(x, plan)
+    if spec.startswith("autoaug"):
+        assert [[(op.name, op.prob, op.magnitude) for op in sub] for sub in theirs.policy] == \
+            [list(sub) for sub in AUTOAUG_IMAGENET]  # the same policy table
+    worst_photometric = worst = off = total = raised = 0
+    for i in range(n):
+        forced = timm_ops_forced(monkeypatch, plan, ours.names, i)
+        chosen = [ours.names[int(layer.op[i])] for layer in plan]
+        try:
+            if spec.startswith("autoaug"):  # timm: random.choice(policy), then each op of the sub-policy
+                mags = [float(layer.magnitude[i]) for layer in plan]
+                sub = next(s for s in theirs.policy if [op.name for op in s] == chosen and
+                           [float(op.magnitude) for op in s] == mags)
+                img = to_pil(x[i])
+                for op, layer in zip(sub, plan):
+                    img = forced(op, layer)(img)
+            else:  # timm: np.random.choice(ops, num_layers), then each op
+                by_name = {op.name: op for op in theirs.ops}
+                monkeypatch.setattr(np.random, "choice", Scripted(
+                    choice=[[forced(by_name[c], layer) for c, layer in zip(chosen, plan)]]).choice)
+                img = theirs(to_pil(x[i]))
+        except ValueError as e:
+            assert "bits must be" in str(e) and any(c.startswith("Posterize") for c in chosen), e
+            raised += 1
+            continue
+        diff = (from_pil(img).int() - out[i].int()).abs()
+        applied = {c for c, layer in zip(chosen, plan) if layer.apply[i]}
+        if applied & set(GEOMETRIC):
+            worst, off, total = max(worst, int(diff.max())), off + int((diff > 0).sum()), total + diff.numel()
+        else:
+            worst_photometric = max(worst_photometric, int(diff.max()))
+    print(f"{spec}: {n} images vs timm's transform: photometric-only max difference {worst_photometric}; with a "
+          f"geometric op max {worst}, {off / max(total, 1):.2%} of pixels off; timm raised on {raised}")
+    assert worst_photometric == 0 and worst <= 6 and off / max(total, 1) < 0.05 and raised <= n // 10
+
+
+@pytest.mark.parametrize("mode, max_count", [("pixel", 1), ("rand", 3), ("const", 2)])
+def test_random_erasing_equals_timms_on_forced_draws(monkeypatch, mode, max_count):
+    import timm.data.random_erasing as tre
+
+    b, c, h, w = 48, 3, H, W
+    x = torch.randn(b, c, h, w)
+    ours = RandomErasing(probability=0.5, mode=mode, max_count=max_count, generator=gen(22))
+    state = ours.generator.get_state()
+    host = HostPlan()
+    meta = ours.pack(b, c, h, w, host)
+    dev = host.to(torch.device("cpu"))
+    out = ours.run(x, meta, dev)
+    replay = torch.Generator()
+    replay.set_state(state)
+    torch.rand(b, generator=replay, dtype=torch.float64)
+    count = torch.randint(1, max_count + 1, (b,), generator=replay)  # sample()'s second draw: boxes per image
+    idx = dev["er.idx"].tolist()
+    noise = torch.Generator().manual_seed(meta["seed"])
+    noise = [torch.randn((len(idx), c, h, w), generator=noise) for _ in range(max_count)] if mode == "pixel" else []
+    theirs = tre.RandomErasing(probability=0.5, mode=mode, min_count=1, max_count=max_count, device="cpu")
+    expected = x.clone()
+    for j in range(b):
+        draws = dict(random=[1.0], randint=[], uniform=[])  # 1.0 > p: not erased
+        fills = []
+        if j in idx:
+            s = idx.index(j)
+            draws["random"] = [0.0]
+            draws["randint"] += [int(count[j])] if max_count > 1 else []
+            for k in range(int(count[j])):
+                top, left, bh, bw = dev["er.boxes"][s, k].tolist()
+                if not dev["er.active"][s, k]:  # no fit in 10 attempts: timm's 10 attempts fail too
+                    draws["uniform"] += [10.0, 0.0] * 10
+                    continue
+                draws["uniform"] += [bh * bw * int(count[j]) / (h * w), math.log(bh / bw)]
+                draws["randint"] += [top, left]
+                fills.append(noise[k][s, :, top:top + bh, left:left + bw] if mode == "pixel" else
+                             dev["er.colors"][s, k].view(c, 1, 1) if mode == "rand" else torch.zeros(c, 1, 1))
+        monkeypatch.setattr(tre, "random", Scripted(**draws))
+        monkeypatch.setattr(tre, "_get_pixels", Scripted(get=fills).get)
+        theirs(expected[j])
+    diff = (expected - out).abs().max().item()
+    print(f"random erasing {mode} x{max_count}: {len(idx)} of {b} erased, max difference from timm {diff}")
+    assert len(idx) > 10 and diff == 0.0
+
+
+def test_mixup_and_cutmix_equal_timms_on_forced_draws(monkeypatch):
+    from timm.data import Mixup
+
+    b, h, w, classes = 8, 21, 24, 10  # an odd side: CutMix's box rounding shows
+    ours = MixupCutmix(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1, num_classes=classes,
+                       generator=gen(23))
+    theirs = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
+                   label_smoothing=0.1, num_classes=classes)
+    worst_x = worst_y = 0.0
+    modes = set()
+    for trial in range(40):
+        x = torch.randn(b, 3, h, w)
+        labels = torch.randint(0, classes, (b,), generator=gen(trial))
+        replay = torch.Generator()
+        replay.set_state(ours.generator.get_state())
+        out_x, out_y = ours(x.clone(), labels)
+        # our draws, in sample()'s order: two coins, a beta seed, then the CutMix centre
+        coins = torch.rand(2, generator=replay, dtype=torch.float64).tolist()
+        cut = coins[1] < 0.5
+        seed = int(torch.randint(2**62, (), generator=replay))
+        lam = float(np.random.default_rng(seed).beta(1.0 if cut else 0.8, 1.0 if cut else 0.8))
+        centre = [int(torch.randint(h, (), generator=replay)), int(torch.randint(w, (), generator=replay))]
+        monkeypatch.setattr(np.random, "rand", Scripted(rand=coins).rand)
+        monkeypatch.setattr(np.random, "beta", Scripted(beta=[lam]).beta)
+        monkeypatch.setattr(np.random, "randint", Scripted(randint=centre).randint)
+        exp_x, exp_y = theirs(x.clone(), labels)
+        modes.add("cutmix" if cut else "mixup")
+        worst_x = max(worst_x, (exp_x - out_x).abs().max().item())
+        worst_y = max(worst_y, (exp_y - out_y).abs().max().item())
+    print(f"mixup/cutmix over 40 batches: max difference from timm: pixels {worst_x}, targets {worst_y}")
+    assert modes == {"mixup", "cutmix"} and worst_x < 1e-6 and worst_y < 1e-6
