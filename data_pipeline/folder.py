@@ -267,8 +267,11 @@ class _WindowBatches:
 
     def __init__(self, order_fn, batch_size: int) -> None:
         self.order_fn, self.batch_size, self.epoch, self.start, self.end = order_fn, batch_size, 0, 0, None
+        self.idle = False  # yields nothing: lets the workers start without reading a batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.idle:
+            return
         order = self.order_fn(self.epoch, self.start, self.end)
         for s in range(0, len(order), self.batch_size):
             yield [(self.epoch, int(i)) for i in order[s:s + self.batch_size]]
@@ -292,6 +295,17 @@ class FolderSource:
                                  prefetch_factor=4 if workers else None)
         self.batches_per_epoch = -(-len(order_fn(0, 0, None)) // batch_size)
         self.decode_failures = 0  # samples replaced because their file did not decode
+
+    def start_workers(self) -> None:
+        """Fork the (persistent) worker processes now. The trainer calls this before it starts its threads
+        (hang watchdog, MLflow, progress bar): a fork while another thread holds a lock leaves the child
+        waiting on that lock forever, which is how a validation worker forked at the first evaluation hung."""
+        if self.loader.num_workers and self.loader._iterator is None:
+            self.sampler.idle = True
+            try:
+                iter(self.loader)
+            finally:
+                self.sampler.idle = False
 
     def batches(self, epoch: int, start: int, end: int | None):
         self.sampler.epoch, self.sampler.start, self.sampler.end = epoch, start, end

@@ -125,9 +125,18 @@ def test_epochs_reshuffle_and_positioning_reproduces_the_stream(jpeg_root, backe
 
 
 def test_folder_crops_are_independent_of_worker_count(jpeg_root):
+    """Also: start_workers() forks the workers up front (the trainer does it before its threads start) without
+    reading a batch, and the epoch after it is whole."""
+    import multiprocessing
+
     a, _ = build_loaders(make_cfg(jpeg_root, "folder", **{"data.workers": 0}), 0, 1, torch.device("cpu"))
     b, _ = build_loaders(make_cfg(jpeg_root, "folder", **{"data.workers": 2}), 0, 1, torch.device("cpu"))
-    assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+    before = set(multiprocessing.active_children())
+    b.source.start_workers()
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    assert b.source.loader._iterator._send_idx == 0  # no batch was asked of them
+    batches = list(b)
+    assert len(batches) == len(a) and all(torch.equal(x, y) for (x, _), (y, _) in zip(a, batches))
 
 
 def test_dali_pipeline_build_survives_gc_finalizers_that_parse_code(jpeg_root, tmp_path):

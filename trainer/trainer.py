@@ -415,6 +415,8 @@ class Trainer:
             init_from(model, cfg.train.init_from, self.log)
         self.flops_per_image = train_flops_per_image(model, cfg.model.img_size)
         self.train_loader, self.val_loader = build_loaders(cfg, env.rank, env.world_size, env.device)
+        for loader in (self.train_loader, self.val_loader):  # fork the data workers before any thread starts
+            getattr(loader.source, "start_workers", lambda: None)()
         self.step_samples = plan.batch.global_batch
         self.epoch_end = epoch_end(self.train_loader.num_samples, self.step_samples)
         self.steps_per_epoch = self.epoch_end // self.step_samples
