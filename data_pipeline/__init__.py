@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -58,6 +59,7 @@ class Loader:
         self.mixup_until_epoch = mixup_until_epoch  # timm's mixup_off_epoch, as the first epoch without
         self.epoch, self.start, self.end = 0, 0, None
         self.bad_files: list[tuple[str, str]] = []  # (path, why) left out when the split was scanned
+        self.class_names: list[str] | None = None  # the split's class folders (wnids), in label order, where known
 
     @property
     def decode_failures(self) -> int:
@@ -201,6 +203,15 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         if train_loader is not None:
             train_loader.bad_files = bad["train"]
         val_loader.bad_files = bad["val"]
+        if not explicit_val:
+            for loader in (train_loader, val_loader):
+                if loader is not None:
+                    loader.class_names = list(val_classes)
+    elif d.backend == "ffcv":  # a .beton has labels only; the folder tree it came from names them
+        from .folder import scan_split
+        for loader, split in ((train_loader, "train"), (val_loader, "val")):
+            if loader is not None and (Path(d.root) / split).is_dir():
+                loader.class_names = scan_split(d.root, split)[1]
     return train_loader, val_loader
 
 

@@ -8,6 +8,16 @@
     python launch/evaluate.py m.safetensors data.root=/data/imagenet --real-labels real.json --hflip-tta \\
         --img-size 256 --crop-pct 1.0 --json result.json
     torchrun --nproc_per_node 8 launch/evaluate.py ...                             # the images split over ranks
+    python launch/evaluate.py m.safetensors --suite /data/benchmarks --json suite.json --results-csv suite.csv \
+        --plots plots/                                                             # the robustness suite
+
+--suite ROOT evaluates every benchmark found under ROOT by its own protocol (trainer/benchmarks.py: val/ with
+ReaL, imagenetv2-*/, sketch/, imagenet-a/ and imagenet-r/ with the logits restricted to their 200 classes,
+imagenet-c/ with mCE), mapping classes by name through the model's class names (saved in checkpoints and
+exported files; --class-names FILE for files without them): a table, --json (one entry per benchmark: top1,
+top5, ece, nll, images), --results-csv (timm's results columns, one row per benchmark), --plots DIR (a
+reliability diagram per benchmark) and --log-to RUN_ID (metrics suite/<benchmark>/<metric> and the plots, to
+MLflow).
 
 Images: data.root's val/ split (any backend), or --data-dir (an ImageNet-layout root with a val/ folder, or
 a split folder of <class>/ folders itself; classes in sorted order as in training), or --filelist (lines
@@ -84,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--json", type=Path, help="also write the result (with per-class accuracy) as JSON")
+    p.add_argument("--suite", type=Path, help="a folder of benchmarks (val/, imagenetv2-*/, sketch/, imagenet-a/, "
+                   "imagenet-r/, imagenet-c/): evaluate them all")
+    p.add_argument("--class-names", type=Path, help="with --suite: the model's class names, one per line in output "
+                   "order (for files saved without them)")
+    p.add_argument("--results-csv", type=Path, help="with --suite: rows in timm's results columns, one per benchmark")
+    p.add_argument("--plots", type=Path, help="with --suite: a reliability diagram PNG per benchmark in this folder")
+    p.add_argument("--log-to", metavar="RUN_ID", help="with --suite: log suite/<benchmark>/<metric> and the plots "
+                   "to this MLflow run (tracking.uri or $MLFLOW_TRACKING_URI)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_intermixed_args(argv)
@@ -102,19 +120,39 @@ def main(argv: list[str] | None = None) -> int:
     overrides = ["train.global_batch=null", "train.grad_accum=1", *args.overrides]
     overrides += [f"model.img_size={args.img_size}"] if args.img_size else []
     overrides += [f"data.crop_pct={args.crop_pct}"] if args.crop_pct else []
+    if args.suite and (args.data_dir or args.filelist or args.real_labels):
+        print("error: --suite finds its images (and real.json) under its folder: not with --data-dir, --filelist "
+              "or --real-labels", file=sys.stderr)
+        return 2
     try:
         if args.checkpoint.suffix == ".safetensors":
             state, header = load_exported(args.checkpoint)
+            class_names = header.get("class_names")
             name, source = header["model"], f"{args.checkpoint} (step {header.get('step')}, {header.get('weights')} weights)"
             cfg = load_config(find_config(args.config or name), [f"model.name={name}", *(
                 f"model.{k}={v}" for k, v in header["model_args"].items()), *overrides])
         else:
             tag_dir = find_checkpoint(args.checkpoint)
             state, meta = consolidated_weights(tag_dir, args.ema)
+            class_names = meta.get("class_names")
             name, source = meta["model"], f"{tag_dir} ({'EMA' if args.ema else 'model'} weights)"
             cfg = config_from_dict(meta["config"], overrides, source=f"{tag_dir}/meta.json")
-        samples, classes = (None, None)
-        if args.data_dir or args.filelist:
+        samples, classes, benchmarks = None, None, None
+        if args.suite:
+            from trainer.benchmarks import find_benchmarks
+            if args.class_names:
+                class_names = [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]
+            if not class_names:
+                raise ValueError(f"{args.checkpoint} carries no class names (saved before they were kept), and the "
+                                 "suite maps classes by name: give --class-names FILE (one per line, in output order: "
+                                 "the training tree's class folders, sorted)")
+            if len(class_names) != cfg.model.num_classes:
+                raise ValueError(f"{len(class_names)} class names for a model of {cfg.model.num_classes} classes")
+            benchmarks, notes = find_benchmarks(args.suite, class_names)
+            for note in notes:
+                print(f"[suite] {note}")
+            samples, classes = [s for b in benchmarks for s in b.samples], class_names
+        elif args.data_dir or args.filelist:
             if args.data_dir and not args.data_dir.is_dir():
                 raise FileNotFoundError(f"--data-dir {args.data_dir} does not exist")
             samples, classes = samples_from(args.data_dir, args.filelist, args.split)
@@ -135,11 +173,15 @@ def main(argv: list[str] | None = None) -> int:
         _, val_loader = build_loaders(cfg, env.rank, env.world_size, env.device, train=False, val_samples=samples)
         if classes is None:
             classes = _val_classes(cfg)
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError, ValueError) as e:  # SuiteError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
     model = model.to(env.device).eval()
+    if benchmarks is not None:
+        run_suite(args, cfg, model, benchmarks, env, bf16, name)
+        shutdown()
+        return 0
     top5s, labels = [], []
     with torch.no_grad(), torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
         for images, target in val_loader:
@@ -184,6 +226,109 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(result, indent=1))
     shutdown()
     return 0
+
+
+def run_suite(args, cfg, model, benchmarks, env, bf16: bool, name: str) -> None:
+    """One pass over every benchmark's images; per-benchmark sums all-reduced; the table, JSON, CSV, plots and
+    MLflow metrics from rank 0."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from data_pipeline import build_loaders
+    from data_pipeline.sharding import val_shard
+    from models import model_info
+    from trainer.benchmarks import SuiteMeter, corruption_summary, reliability_plot, summarise
+
+    crop_pct = cfg.data.crop_pct or model_info(name).crop_pct
+    samples = [s for b in benchmarks for s in b.samples]
+    _, loader = build_loaders(cfg, env.rank, env.world_size, env.device, train=False, val_samples=samples)
+    meter = SuiteMeter(benchmarks, cfg.model.num_classes, env.device)
+    first = int(val_shard(len(samples), env.rank, env.world_size)[:1].sum()) if len(samples) else 0
+    seen, val_top5 = first, []
+    val = next((i for i, b in enumerate(benchmarks) if b.key == "val" and b.real), None)
+    start = time.perf_counter()
+    with torch.no_grad(), torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        for images, target in loader:
+            logits = model(images.float()).float()
+            if args.hflip_tta:
+                logits = (logits + model(images.float().flip(3)).float()) / 2
+            top5 = meter.update(logits, target.to(logits.device).long(), seen)
+            if val is not None:  # ReaL scores the val images' top-5 against their label sets
+                lo, hi = int(meter.offsets[val]), int(meter.offsets[val + 1])
+                for k in range(max(lo, seen), min(hi, seen + len(target))):
+                    val_top5.append((k - lo, top5[k - seen].tolist()))
+            seen += len(target)
+    if dist.is_initialized():
+        dist.all_reduce(meter.sums)
+        if val is not None:
+            gathered = [None] * env.world_size
+            dist.all_gather_object(gathered, val_top5)
+            val_top5 = [x for part in gathered for x in part]
+    seconds = time.perf_counter() - start
+    if not env.is_main:
+        return
+    rows = {b.key: r for b, r in zip(benchmarks, meter.results())}
+    table = {k: r for k, r in rows.items() if not k.startswith("imagenet-c/")}
+    if val is not None:
+        real = real_label_sets(benchmarks[val].real, benchmarks[val].samples)
+        keep = [(i, p) for i, p in val_top5 if real[i]]
+        table["val"]["real_top1"] = round(100 * sum(p[0] in real[i] for i, p in keep) / max(len(keep), 1), 3)
+        table["val"]["real_top5"] = round(100 * sum(any(x in real[i] for x in p) for i, p in keep) / max(len(keep), 1), 3)
+    c_rows = [i for i, b in enumerate(benchmarks) if b.corruption]
+    if c_rows:
+        table["imagenet-c"] = {**summarise(meter.sums[c_rows].sum(0).cpu()), **corruption_summary(rows),
+                               "severities": {k: {m: v for m, v in r.items() if m != "bins"}
+                                              for k, r in rows.items() if k.startswith("imagenet-c/")}}
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{name} ({params / 1e6:.2f} M params) @ {cfg.model.img_size}px, crop_pct {crop_pct}, "
+          f"{'bf16' if bf16 else 'fp32'}{', hflip TTA' if args.hflip_tta else ''}: {len(samples)} images in "
+          f"{len(table)} benchmarks, {seconds:.1f} s")
+    print(f"{'benchmark':<32} {'images':>7} {'top1':>7} {'top5':>7} {'ECE %':>6} {'NLL':>7}  notes")
+    for key, r in table.items():
+        notes = []
+        if "real_top1" in r:
+            notes.append(f"ReaL top1 {r['real_top1']:.2f} top5 {r['real_top5']:.2f}")
+        if key in ("imagenet-a", "imagenet-r"):
+            notes.append(f"logits restricted to its {len(next(b for b in benchmarks if b.key == key).subset)} classes")
+        if key == "imagenet-c":
+            notes.append(f"mCE {r['mce']:.2f}" if r["mce"] is not None else
+                         f"mCE over the {len(r['corruptions'])} corruptions present {r['mce_partial']}")
+        print(f"{key:<32} {r['images']:>7} {r['top1']:>7.2f} {r['top5']:>7.2f} {r['ece']:>6.2f} {r['nll']:>7.4f}  "
+              + "; ".join(notes))
+    if args.json:
+        args.json.write_text(json.dumps({"model": name, "img_size": cfg.model.img_size, "crop_pct": crop_pct,
+                                         "seconds": round(seconds, 2),
+                                         **{k: {m: v for m, v in r.items() if m != "bins"} for k, r in table.items()}},
+                                        indent=1))
+    if args.results_csv:
+        import csv
+        with open(args.results_csv, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["benchmark", "model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size",
+                          "crop_pct", "interpolation"])
+            for key, r in table.items():
+                out.writerow([key, name, f"{r['top1']:.3f}", f"{100 - r['top1']:.3f}", f"{r['top5']:.3f}",
+                              f"{100 - r['top5']:.3f}", f"{params / 1e6:.2f}", cfg.model.img_size,
+                              f"{crop_pct}", cfg.data.interpolation])
+    plots = []
+    if args.plots:
+        for key, r in table.items():
+            path = args.plots / f"reliability-{key.replace('/', '-')}.png"
+            reliability_plot(r, key, path)
+            plots.append(path)
+        print(f"reliability diagrams: {args.plots}")
+    if args.log_to:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=cfg.tracking.uri or None)
+        for key, r in table.items():
+            for metric in ("top1", "top5", "ece", "nll", "real_top1", "mce"):
+                if r.get(metric) is not None:
+                    client.log_metric(args.log_to, f"suite/{key}/{metric}", float(r[metric]))
+        for path in plots:
+            client.log_artifact(args.log_to, str(path), artifact_path="suite")
+        print(f"logged to MLflow run {args.log_to}")
 
 
 def _val_split(cfg) -> tuple[list[tuple[str, int]], list[str]]:

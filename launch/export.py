@@ -17,6 +17,7 @@ safetensors file.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,12 +39,14 @@ def export_onnx_file(source: Path, out: Path | None, ema: bool, img_size: int | 
         args = {k: meta["config"]["model"][k] for k in ("num_classes", "img_size")}
         model = create_model(meta["model"], **args)
         model.load_state_dict(state)
+        model.class_names = meta.get("class_names")
         default = tag_dir.parent.parent / "exported" / f"{meta['model']}-{tag_dir.name}{'-ema' if ema else ''}.onnx"
     if img_size and img_size != model.img_size:
         model = _rebuilt(model, img_size)
     out = out or default
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, out, model.img_size)
+    export_onnx(model, out, model.img_size, metadata={"model": getattr(model, "model_name", ""),
+                                                     "class_names": json.dumps(getattr(model, "class_names", None))})
     diff = onnx_parity(out, model, model.img_size)
     if not diff <= tolerance:
         out.unlink()

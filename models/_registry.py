@@ -71,11 +71,12 @@ def create_model(name: str, checkpoint_path: str | None = None, features_only: b
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise TypeError(f"{name}: unknown override(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
-    state = None
+    state, class_names = None, None
     if checkpoint_path is not None:
         from .exported import load_exported
 
         state, header = load_exported(checkpoint_path)
+        class_names = header.get("class_names")
         convert = getattr(info.model_class, "convert_legacy_state", None)
         state = convert(state) if convert else state
         if header["model"] != name:
@@ -86,6 +87,10 @@ def create_model(name: str, checkpoint_path: str | None = None, features_only: b
     model = info.model_class(**args)
     model.model_name = name
     model.pretrained_cfg = model.default_cfg = pretrained_cfg(info, model)
+    # the training tree's class folders (wnids), in output order; None for a file exported without them
+    model.class_names = class_names if state is not None else None
+    if model.class_names:
+        model.pretrained_cfg["label_names"] = tuple(model.class_names)
     if state is not None:
         try:
             model.load_state_dict(state)

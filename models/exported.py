@@ -58,9 +58,11 @@ def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, {k: (v if k in ("format", "model") else json.loads(v)) for k, v in header.items()}
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, img_size: int, opset: int = 18) -> None:
+def export_onnx(model: torch.nn.Module, path: str | Path, img_size: int, opset: int = 18,
+                metadata: dict[str, str] | None = None) -> None:
     """The model (fp32, eval) as ONNX with a dynamic batch axis: input `images` (N, 3, H, W), normalised as
-    in training; output `logits` (N, classes). torch.export-based exporter (needs onnxscript)."""
+    in training; output `logits` (N, classes). torch.export-based exporter (needs onnxscript). `metadata`
+    (model name, class names as JSON) goes into the file's metadata_props."""
     import contextlib
     import io
     import logging
@@ -77,6 +79,14 @@ def export_onnx(model: torch.nn.Module, path: str | Path, img_size: int, opset: 
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (example,), str(tmp), input_names=["images"], output_names=["logits"],
                           dynamic_shapes={"x": {0: batch}}, opset_version=opset, dynamo=True, external_data=False)
+    if metadata:
+        import onnx
+
+        proto = onnx.load(str(tmp))
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(tmp))
     tmp.replace(path)
 
 

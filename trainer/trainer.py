@@ -635,7 +635,8 @@ class Trainer:
                     plan=dict(batch_size=self.plan.batch.batch_size, grad_accum=self.plan.batch.grad_accum,
                               global_batch=self.plan.batch.global_batch),
                     epoch_end_save=epoch_end, top1=self.state.last_top1 if epoch_end else None,
-                    fp32_group_names=fp32_group_names(engine), config=self.cfg.to_dict())
+                    fp32_group_names=fp32_group_names(engine), config=self.cfg.to_dict(),
+                    class_names=self.train_loader.class_names)
         with self.meter.paused():
             return self.checkpointer.save(engine, meta, self.ema.state_dict() if self.ema else None)
 
