@@ -20,7 +20,7 @@ from models import model_info
 
 from .errors import DataError
 from .prepare import write_digits
-from .sharding import batch_seed
+from .sharding import batch_seed, minival_split
 
 __all__ = ["DataError", "Loader", "build_loaders", "dataset_input", "write_digits"]
 
@@ -60,6 +60,7 @@ class Loader:
         self.epoch, self.start, self.end = 0, 0, None
         self.bad_files: list[tuple[str, str]] = []  # (path, why) left out when the split was scanned
         self.class_names: list[str] | None = None  # the split's class folders (wnids), in label order, where known
+        self.minival: Loader | None = None  # train loaders: the held-out train images (data.minival_per_class)
 
     @property
     def decode_failures(self) -> int:
@@ -134,6 +135,9 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
     d, bs, seed, size = cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.model.img_size
     crop_pct = d.crop_pct or info.crop_pct
     explicit_val = val_samples is not None
+    minival_src = None
+    if d.minival_per_class and d.backend == "synthetic":
+        raise DataError("data.minival_per_class holds out images of a real train tree; data.backend=synthetic has none")
     if d.backend == "synthetic":
         from .synthetic import SyntheticSource
         n_val = max(bs * world_size, d.synthetic_size // 10)
@@ -167,18 +171,26 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
             if len(val_classes) != cfg.model.num_classes:
                 raise DataError(f"data.root {d.root} has {len(val_classes)} classes but model.num_classes="
                                 f"{cfg.model.num_classes}")
+        minival_samples = None
+        if train and d.minival_per_class:  # held out of train/ before anything is sharded: never trained on
+            kept, held = minival_split(train_samples.labels, d.minival_per_class, seed)
+            train_samples, minival_samples = train_samples.subset(kept), train_samples.subset(held)
         common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
                       img_size=size, interpolation=d.interpolation)
         if d.backend == "folder":
             train_src = FolderSource(train_samples, train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
                                      **common) if train else None
             val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
+            minival_src = FolderSource(minival_samples, train=False, crop_pct=crop_pct, **common) \
+                if minival_samples is not None else None
         else:
             from .dali_source import DaliSource
             train_src = DaliSource(train_samples, f"{d.root}/train", train=True, scale=d.scale, ratio=d.ratio,
                                    hflip=d.hflip, device=device, **common) if train else None
             val_src = DaliSource(val_samples, "the evaluated images" if explicit_val else f"{d.root}/val",
                                  train=False, crop_pct=crop_pct, device=device, **common)
+            minival_src = DaliSource(minival_samples, f"{d.root}/train (minival)", train=False, crop_pct=crop_pct,
+                                     device=device, **common) if minival_samples is not None else None
         normalized = False
     elif d.backend == "ffcv":
         require("ffcv", "ffcv")
@@ -186,8 +198,19 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
         common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed,
                       img_size=size, device=device, num_classes=cfg.model.num_classes, interpolation=d.interpolation)
         normalized = device.type == "cpu" and cfg.aug.auto_augment == "none"
+        kept = held = None
+        if train and d.minival_per_class:  # the same rule as the folder backend's, on the .beton's labels
+            from ffcv.reader import Reader
+
+            from .ffcv_source import beton_path
+            kept, held = minival_split(Reader(str(beton_path(d.root, "train"))).metadata["f1"],
+                                       d.minival_per_class, seed)
         train_src = FfcvSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
-                               normalize=(info.mean, info.std) if normalized else None, **common) if train else None
+                               normalize=(info.mean, info.std) if normalized else None, indices=kept,
+                               **common) if train else None
+        minival_src = FfcvSource(d.root, "train", train=False, crop_pct=crop_pct, indices=held,
+                                 normalize=(info.mean, info.std) if normalized else None, **common) \
+            if held is not None else None
         val_src = FfcvSource(d.root, "val", train=False, crop_pct=crop_pct,
                              normalize=(info.mean, info.std) if normalized else None, **common)
     else:
@@ -199,6 +222,9 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
                                                   augment=d.backend != "synthetic"), device, seed, rank,
                           world_size, bs, mixup_until) if train else None
     val_loader = Loader(val_src, val_stage, device, seed, rank, world_size, bs)
+    if train_loader is not None:  # data.minival_per_class: train images held out, read as val is
+        train_loader.minival = Loader(minival_src, val_stage, device, seed, rank, world_size, bs) \
+            if minival_src is not None else None
     if d.backend in ("folder", "dali"):
         if train_loader is not None:
             train_loader.bad_files = bad["train"]

@@ -50,9 +50,11 @@ class FfcvSource:
     def __init__(self, root: str, split: str, rank: int, world_size: int, batch_size: int, train: bool,
                  workers: int, seed: int, img_size: int, device: torch.device, num_classes: int, *,
                  scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
-                 normalize: tuple | None = None, interpolation: str = "bicubic") -> None:
+                 normalize: tuple | None = None, interpolation: str = "bicubic",
+                 indices: np.ndarray | None = None) -> None:
         """normalize=(mean, std): normalise inside FFCV's compiled pipeline and emit floats (the fast
         path on a CPU when nothing needs the uint8 batch); None: emit uint8 for the device stage.
+        indices: only these samples of the file (sorted), as the whole split (minival and the train rest).
         Crops are resized as Pillow does (data_pipeline/ffcv_resize.py), not with FFCV's INTER_AREA."""
         with torch_threads_kept():
             from ffcv.fields.decoders import IntDecoder
@@ -70,18 +72,21 @@ class FfcvSource:
             raise FileNotFoundError(f"data.root: {path} does not exist; write it with "
                                     f"`python launch/prepare_data.py ffcv --root <imagenet tree> --out {root}`")
         reader = Reader(str(path))
-        n = reader.num_samples
         labels = reader.metadata["f1"]
-        if n and int(labels.max()) >= num_classes:
+        if len(labels) and int(labels.max()) >= num_classes:
             raise DataError(f"{path} has labels up to {int(labels.max())} but model.num_classes={num_classes}")
+        self.labels = np.asarray(labels)
+        ids = np.arange(reader.num_samples) if indices is None else np.asarray(indices)
+        n = len(ids)
         if train:
             decoder = train_decoder((img_size, img_size), scale=tuple(scale), ratio=tuple(ratio))
             image_ops = [decoder] + ([RandomHorizontalFlip(hflip)] if hflip else [])
-            order_fn = lambda epoch, start, end: train_shard(n, rank, world_size, batch_size, seed, epoch, start, end)
+            order_fn = lambda epoch, start, end: ids[train_shard(n, rank, world_size, batch_size, seed, epoch, start,
+                                                                 end)]
         else:
             decoder = val_decoder((img_size, img_size), ratio=crop_pct)
             image_ops = [decoder]
-            order_fn = lambda epoch, start, end: val_shard(n, rank, world_size)
+            order_fn = lambda epoch, start, end: ids[val_shard(n, rank, world_size)]
         decoder.bicubic = interpolation == "bicubic"
         if normalize:  # before ToTensor: the order that does not hang on CPU (FFCV issues #350/#396)
             mean, std = (np.array(v, dtype=np.float32) * 255 for v in normalize)

@@ -313,7 +313,7 @@ class FolderSource:
         order = iter(self.sampler) if record else None
         for images, labels, replaced in self.loader:
             self.decode_failures += int(replaced.sum())
-            if record:  # test-only: "epoch index" of every train sample as its batch is handed on
+            if record:  # test-only: "epoch index path" of every train sample as its batch is handed on
                 with open(record, "a") as f:
-                    f.write("".join(f"{e} {i}\n" for e, i in next(order)))
+                    f.write("".join(f"{e} {i} {self.dataset.samples[i][0]}\n" for e, i in next(order)))
             yield images, labels

@@ -6,6 +6,7 @@ FFCV .beton files. Outputs are written under a temporary name and renamed when c
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from multiprocessing import Pool
@@ -220,4 +221,55 @@ def write_digits(root: str | Path, size: int = 32, val_every: int = 5, quality: 
         Image.fromarray(pixels, "L").resize((size, size), Image.BICUBIC).convert("RGB").save(out, quality=quality)
         counts[split] += 1
     done.write_text(f"digits size={size} val_every={val_every}\n")
+    return counts
+
+
+DIGITS_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "contrast", "jpeg_compression")
+
+
+def write_digits_suite(digits_root: str | Path, out: str | Path, seed: int = 0) -> dict[str, int]:
+    """The evaluation suite's layouts built from the digits val images, to try `evaluate.py --suite` without the
+    public archives: val/ (with real.json), imagenetv2-matched-frequency/ (the val images, folders 0..9),
+    sketch/ (edge maps), imagenet-a/ (4 classes, rotated 30 degrees), imagenet-r/ (4 classes, inverted) and
+    imagenet-c/<corruption>/<1-5>/ (4 corruptions at five severities). Returns images per benchmark."""
+    from PIL import ImageFilter, ImageOps
+
+    digits_root, out = Path(digits_root), Path(out)
+    samples, classes = scan_split(digits_root, "val", use_filelist=False)
+    rng = np.random.default_rng(seed)
+    counts: dict[str, int] = {}
+
+    def save(img: Image.Image, path: Path, quality: int = 95) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=quality)
+
+    def corrupt(img: Image.Image, corruption: str, severity: int) -> tuple[Image.Image, int]:
+        if corruption == "gaussian_noise":
+            x = np.asarray(img, np.float32) + rng.normal(0, 12 * severity, (img.height, img.width, 3))
+            return Image.fromarray(x.clip(0, 255).astype(np.uint8)), 95
+        if corruption == "defocus_blur":
+            return img.filter(ImageFilter.GaussianBlur(0.4 * severity)), 95
+        if corruption == "contrast":
+            x = np.asarray(img, np.float32)
+            return Image.fromarray(((x - x.mean()) * (1 - 0.18 * severity) + x.mean()).clip(0, 255).astype(np.uint8)), 95
+        return img, (30, 18, 12, 8, 5)[severity - 1]  # jpeg_compression: the quality
+
+    real = []
+    for n, (path, label) in enumerate(samples, 1):
+        img, wnid = load_rgb(path), classes[label]
+        name = f"ILSVRC2012_val_{n:08d}.JPEG"
+        save(img, out / "val" / wnid / name)
+        real.append([label])
+        save(img, out / "imagenetv2-matched-frequency" / str(label) / f"{n}.jpeg")
+        save(ImageOps.invert(img.filter(ImageFilter.FIND_EDGES)), out / "sketch" / wnid / name)
+        if label % 3 == 0:  # A and R hold a subset of the classes, as the real ones hold 200 of 1,000
+            save(img.rotate(30, resample=Image.BICUBIC), out / "imagenet-a" / wnid / name)
+            save(ImageOps.invert(img), out / "imagenet-r" / wnid / name)
+        for corruption in DIGITS_CORRUPTIONS:
+            for severity in range(1, 6):
+                corrupted, quality = corrupt(img, corruption, severity)
+                save(corrupted, out / "imagenet-c" / corruption / str(severity) / wnid / name, quality)
+    (out / "real.json").write_text(json.dumps(real))
+    for sub in ("val", "imagenetv2-matched-frequency", "sketch", "imagenet-a", "imagenet-r", "imagenet-c"):
+        counts[sub] = sum(1 for _ in (out / sub).rglob("*.*"))
     return counts

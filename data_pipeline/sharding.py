@@ -60,3 +60,20 @@ def batch_seed(seed: int, rank: int, epoch: int, sample: int) -> int:
     """A seed for one batch's on-device augmentation, keyed by the global sample offset the batch
     starts at: a resumed run re-draws exactly what an uninterrupted run drew at the same place."""
     return int(np.random.SeedSequence([seed, rank, epoch, sample]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def minival_split(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held) indices of a train split: `per_class` images of each class held out, drawn from the seed and
+    the file list alone, so every rank, world size, resume and backend holds out the same ones. Sorted."""
+    labels = np.asarray(labels)
+    order = np.random.default_rng([seed, 0x6D696E69]).permutation(len(labels))  # 'mini': not the epochs' stream
+    held = []
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        if len(members) <= per_class:
+            raise DataError(f"data.minival_per_class={per_class}: class {int(c)} has only {len(members)} train "
+                             "images; holding them all out leaves none to train on")
+        held.append(members[:per_class])
+    held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    kept = np.setdiff1d(np.arange(len(labels)), held)
+    return kept, held

@@ -2,6 +2,7 @@
 
     python launch/prepare_data.py digits    --out data/digits            # demo set, no download
     python launch/prepare_data.py shapes    --out data/shapes            # 3 classes, for the fine-tuning demo
+    python launch/prepare_data.py digits-suite --from data/digits --out data/digits-suite  # evaluate.py --suite demo
     python launch/prepare_data.py synthetic --out /tmp/jpegs --count 2000  # JPEGs of a chosen size
     python launch/prepare_data.py verify    --root /data/imagenet [--skip-bad]
     python launch/prepare_data.py ffcv      --root /data/imagenet --out /data/imagenet-ffcv
@@ -25,6 +26,7 @@ from data_pipeline.prepare import (
     PrepareError,
     verified_samples,
     write_digits,
+    write_digits_suite,
     write_ffcv,
     write_filelists,
     write_shapes,
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("digits", help="scikit-learn's bundled 8x8 digits, upscaled to JPEG files")
     p.add_argument("--out", default="data/digits")
     p.add_argument("--size", type=int, default=32, help="output side in pixels")
+    p = sub.add_parser("digits-suite", help="the evaluation suite's layouts (V2, Sketch, A, R, C) made from the "
+                       "digits val images, for evaluate.py --suite")
+    p.add_argument("--from", dest="source", default="data/digits", help="the digits tree (prepare_data.py digits)")
+    p.add_argument("--out", default="data/digits-suite")
     p = sub.add_parser("shapes", help="circles, squares, triangles (3 classes, few train images): fine-tuning demo")
     p.add_argument("--out", default="data/shapes")
     p.add_argument("--size", type=int, default=32, help="output side in pixels")
@@ -71,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--size {args.size}: must be at least 8")
         counts = write_digits(args.out, size=args.size)
         print(f"{args.out}: train {counts['train']} images, val {counts['val']} images, 10 classes")
+    elif args.command == "digits-suite":
+        if not (Path(args.source) / "val").is_dir():
+            print(f"error: {args.source}/val does not exist: run prepare_data.py digits --out {args.source} first",
+                  file=sys.stderr)
+            return 2
+        counts = write_digits_suite(args.source, args.out)
+        print(f"{args.out}: " + ", ".join(f"{k} {v} images" for k, v in counts.items()))
     elif args.command == "shapes":
         if args.size < 8 or args.train_per_class < 1 or args.val_per_class < 1:
             parser.error("--size >= 8, --train-per-class >= 1 and --val-per-class >= 1 are required")

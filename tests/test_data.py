@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -476,3 +477,34 @@ def test_dali_gpu_pipeline_sizes_nvjpeg_for_imagenet_and_upsamples_like_the_cpu(
                 "preallocate_width_hint: 5980", "preallocate_height_hint: 6430", "jpeg_fancy_upsampling: True"):
         assert arg in gpu, gpu
     assert "device: cpu" in cpu and "device_memory_padding" not in cpu
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minival_holds_the_same_images_out_of_train_on_every_backend(jpeg_root, backend):
+    """data.minival_per_class=3: 3 train images per class, the same on folder, DALI and FFCV (the .beton keeps
+    the tree's order), at 1 and 2 ranks; the train loader's epoch never reads them, the minival loader reads
+    them all, once, with val's transform."""
+    from data_pipeline.sharding import minival_split
+
+    samples, _ = scan_split(jpeg_root, "train")
+    kept, held = minival_split(samples.labels, 3, 0)
+    assert len(held) == 12 and sorted(Counter(samples.labels[held].tolist()).values()) == [3] * 4
+    minival_labels, trained = [], []
+    for rank in range(2):
+        train, _ = build_loaders(make_cfg(jpeg_root, backend, **{"data.minival_per_class": 3}), rank, 2,
+                                 torch.device("cpu"))
+        assert train.num_samples == len(kept) and train.minival.num_samples == 12
+        src, mini = train.source, train.minival.source
+        if backend == "folder":
+            reads = [src.dataset.samples[i][0] for _, i in (b for batch in src.sampler for b in batch)]
+            minival = [mini.dataset.samples[i][0] for _, i in (b for batch in mini.sampler for b in batch)]
+        elif backend == "dali":
+            reads, minival = list(src.files), list(mini.files)
+        else:  # FFCV: the sample indices of the file each epoch reads
+            reads = [samples[int(i)][0] for i in src.order.order_fn(0, 0, None)]
+            minival = [samples[int(i)][0] for i in mini.order.order_fn(0, 0, None)]
+        trained += reads
+        minival_labels += labels_of(train.minival)
+        held_paths = {samples[int(i)][0] for i in held}
+        assert not held_paths & set(reads) and set(minival) <= held_paths
+    assert sorted(minival_labels) == sorted(samples.labels[held].tolist())  # each held image once over 2 ranks

@@ -57,6 +57,7 @@ def test_export_loads_with_create_model_and_gives_the_engines_logits(tmp_path, d
     state, header = load_exported(out)
     assert header["model"] == "s2mlpv2_tiny" and header["step"] == 4
     assert header["model_args"] == {"num_classes": 10, "img_size": 32}
+    assert header["class_names"] == [f"digit_{i}" for i in range(10)]  # from the checkpoint's meta
     # train.init_from reads the same weights from the checkpoint; bf16 weights and ZeRO-3 partitions need
     # DeepSpeed's reader (it unpickles), and say so
     from trainer.checkpoint import init_weights

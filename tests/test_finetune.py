@@ -214,6 +214,8 @@ def test_onnx_export_gives_the_pytorch_logits_at_any_batch(tmp_path, digits_run)
     model = create_model("cs_mixer_tiny", num_classes=10).eval()
     model.load_state_dict(state)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map  # the model knows its labels (the digits tree's folders)
+    assert meta["model"] == "cs_mixer_tiny" and json.loads(meta["class_names"]) == [f"digit_{i}" for i in range(10)]
     for n in (1, 7):
         x = torch.randn(n, 3, 32, 32)
         got = torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])

@@ -382,7 +382,7 @@ def test_resume_at_other_world_sizes_reads_each_image_of_the_epoch_once(tmp_path
         assert r.returncode == 0, r.stderr[-3000:]
         assert sorted(step_losses(r.stdout)) == list(range(done + 1, stop + 1)), (nproc, r.stdout[-2000:])
         done = stop
-    reads = [tuple(map(int, line.split())) for line in record.read_text().splitlines()]
+    reads = [tuple(map(int, line.split()[:2])) for line in record.read_text().splitlines()]
     assert {e for e, _ in reads} == {0}
     counts = Counter(i for _, i in reads)
     planned = set(epoch_permutation(1442, 0, 0)[:1440].tolist())
@@ -567,3 +567,27 @@ def test_batch_size_auto_halves_on_out_of_memory_and_keeps_the_global_batch(monk
     with pytest.raises(ConfigError, match="needs train.global_batch"):
         plan_run(load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["train.batch_size=auto", "train.global_batch=null",
                                                                  "train.grad_accum=null"]), 1, 1000)
+
+
+@pytest.mark.slow
+def test_minival_is_held_out_of_training_at_any_world_size(tmp_path, digits_root):
+    """data.minival_per_class=5: 50 digits train images held out, the same ones at 2 processes and after a resume at
+    1; none is ever in a training batch, and minival/top1 is evaluated beside val."""
+    from data_pipeline.folder import scan_split
+    from data_pipeline.sharding import minival_split
+
+    record = tmp_path / "samples.txt"
+    for nproc, stop in [(2, 3), (1, 6)]:
+        r = digits_run(tmp_path, digits_root, "mv", "data.minival_per_class=5", "train.global_batch=96",
+                       "train.batch_size=48", "train.grad_accum=null", f"train.max_steps={stop}", nproc=nproc,
+                       env={"TRAIN_TEST_RECORD_SAMPLES": str(record)})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "50 train images held out as minival, 1392 left to train on" in r.stdout
+        assert re.search(r"val top1 [\d.]+ top5 [\d.]+ \| minival top1 [\d.]+ top5 [\d.]+", r.stdout), r.stdout[-1500:]
+    samples, _ = scan_split(digits_root, "train")
+    _, held = minival_split(samples.labels, 5, 0)
+    held_paths = {samples[int(i)][0] for i in held}
+    trained = [line.split()[2] for line in record.read_text().splitlines()]
+    assert len(held_paths) == 50 and len(trained) == 6 * 96
+    assert not held_paths & set(trained)
+    assert sorted(Counter(samples.labels[held].tolist()).values()) == [5] * 10  # 5 of each class

@@ -56,6 +56,7 @@ class DataConfig:
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     crop_pct: float | None = knob(None, gt=0.0, le=1.0)  # eval resize = img_size / crop_pct; null: model's
     synthetic_size: int = knob(12800, ge=1)  # samples per epoch for backend=synthetic
+    minival_per_class: int = knob(0, ge=0)  # hold out N train images per class (never trained on): minival/*
 
 
 @dataclass

@@ -298,6 +298,10 @@ class Evaluator:
         self.top1, self.top5 = evaluate(t.engine, t.val_loader, t.env.device, t.dtype)
         line, metrics = (f"epoch {state.epoch} step {state.step} val top1 {self.top1:.2f} top5 {self.top5:.2f}",
                          {"val/top1": self.top1, "val/top5": self.top5})
+        if t.train_loader.minival is not None:  # held-out train images: choose on these, report val
+            mini1, mini5 = evaluate(t.engine, t.train_loader.minival, t.env.device, t.dtype)
+            line += f" | minival top1 {mini1:.2f} top5 {mini5:.2f}"
+            metrics.update({"minival/top1": mini1, "minival/top5": mini5})
         if t.ema is not None:
             if self.ema_model is None:
                 self.ema_model = build_model(t.cfg, drop_path=None).to(t.env.device).eval()
@@ -415,8 +419,12 @@ class Trainer:
             init_from(model, cfg.train.init_from, self.log)
         self.flops_per_image = train_flops_per_image(model, cfg.model.img_size)
         self.train_loader, self.val_loader = build_loaders(cfg, env.rank, env.world_size, env.device)
-        for loader in (self.train_loader, self.val_loader):  # fork the data workers before any thread starts
-            getattr(loader.source, "start_workers", lambda: None)()
+        for loader in (self.train_loader, self.val_loader, self.train_loader.minival):  # fork the data workers
+            if loader is not None:                                                     # before any thread starts
+                getattr(loader.source, "start_workers", lambda: None)()
+        if self.train_loader.minival is not None:
+            self.log(f"[data] data.minival_per_class={cfg.data.minival_per_class}: {self.train_loader.minival.num_samples}"
+                     f" train images held out as minival, {self.train_loader.num_samples} left to train on")
         self.step_samples = plan.batch.global_batch
         self.epoch_end = epoch_end(self.train_loader.num_samples, self.step_samples)
         self.steps_per_epoch = self.epoch_end // self.step_samples
