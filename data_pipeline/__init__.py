@@ -241,6 +241,44 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
     return train_loader, val_loader
 
 
+CROP_CANDIDATES = (0.875, 0.9, 0.95, 1.0)
+
+
+def minival_loader(cfg, rank: int, world_size: int, device: torch.device, crop_pct: float) -> Loader:
+    """The minival images (data.minival_per_class of train/) read with val's transform at `crop_pct`: the crop fit
+    at the end of training and evaluate.py --fit-crop."""
+    d, bs, seed, size = cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.model.img_size
+    if not d.minival_per_class or not d.root:
+        raise DataError("fitting the evaluation crop needs minival: data.root and data.minival_per_class > 0")
+    common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed, img_size=size,
+                  interpolation=d.interpolation)
+    info = model_info(cfg.model.name)
+    if d.backend == "ffcv":
+        require("ffcv", "ffcv")
+        from ffcv.reader import Reader
+
+        from .ffcv_source import FfcvSource, beton_path
+        _, held = minival_split(Reader(str(beton_path(d.root, "train"))).metadata["f1"], d.minival_per_class, seed)
+        normalized = device.type == "cpu" and cfg.aug.auto_augment == "none"
+        src = FfcvSource(d.root, "train", train=False, crop_pct=crop_pct, indices=held, device=device,
+                         num_classes=cfg.model.num_classes, normalize=(info.mean, info.std) if normalized else None,
+                         **common)
+        stage = (lambda images, labels, seed: (images, labels)) if normalized else _val_stage(info.mean, info.std, device)
+        return Loader(src, stage, device, seed, rank, world_size, bs)
+    from .folder import FolderSource, scan_split
+    samples, _ = scan_split(d.root, "train")
+    _, held = minival_split(samples.labels, d.minival_per_class, seed)
+    held_samples = samples.subset(held)
+    if d.backend == "dali":
+        require("nvidia.dali", "dali")
+        from .dali_source import DaliSource
+        src = DaliSource(held_samples, f"{d.root}/train (minival)", train=False, crop_pct=crop_pct, device=device,
+                         **common)
+    else:
+        src = FolderSource(held_samples, train=False, crop_pct=crop_pct, **common)
+    return Loader(src, _val_stage(info.mean, info.std, device), device, seed, rank, world_size, bs)
+
+
 def dataset_input(cfg, train: Loader, val: Loader) -> tuple[str, str, str, dict]:
     """(name, source, digest, profile) of the run's data for MLflow's dataset input: the digest is a
     sha256 of the file lists with labels (FFCV: of the .beton files' sizes and times)."""

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", type=Path, help="with --suite: a reliability diagram PNG per benchmark in this folder")
     p.add_argument("--log-to", metavar="RUN_ID", help="with --suite: log suite/<benchmark>/<metric> and the plots "
                    "to this MLflow run (tracking.uri or $MLFLOW_TRACKING_URI)")
+    p.add_argument("--fit-crop", action="store_true", help="evaluate crop_pct 0.875/0.9/0.95/1.0 on minival "
+                   "(data.minival_per_class of data.root's train/) and write the best into an exported file's header")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = p.parse_intermixed_args(argv)
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = ["train.global_batch=null", "train.grad_accum=1", *args.overrides]
     overrides += [f"model.img_size={args.img_size}"] if args.img_size else []
     overrides += [f"data.crop_pct={args.crop_pct}"] if args.crop_pct else []
+    crop_given = bool(args.crop_pct) or any(o.startswith("data.crop_pct=") for o in args.overrides) or args.fit_crop
     if args.suite and (args.data_dir or args.filelist or args.real_labels):
         print("error: --suite finds its images (and real.json) under its folder: not with --data-dir, --filelist "
               "or --real-labels", file=sys.stderr)
@@ -127,16 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.checkpoint.suffix == ".safetensors":
             state, header = load_exported(args.checkpoint)
-            class_names = header.get("class_names")
+            class_names, fitted_crop = header.get("class_names"), header.get("eval_crop_pct")
             name, source = header["model"], f"{args.checkpoint} (step {header.get('step')}, {header.get('weights')} weights)"
+            fitted = [f"data.crop_pct={fitted_crop}"] if fitted_crop and not crop_given else []
             cfg = load_config(find_config(args.config or name), [f"model.name={name}", *(
-                f"model.{k}={v}" for k, v in header["model_args"].items()), *overrides])
+                f"model.{k}={v}" for k, v in header["model_args"].items()), *fitted, *overrides])
         else:
             tag_dir = find_checkpoint(args.checkpoint)
             state, meta = consolidated_weights(tag_dir, args.ema)
-            class_names = meta.get("class_names")
+            class_names, fitted_crop = meta.get("class_names"), meta["state"].get("eval_crop_pct")
             name, source = meta["model"], f"{tag_dir} ({'EMA' if args.ema else 'model'} weights)"
-            cfg = config_from_dict(meta["config"], overrides, source=f"{tag_dir}/meta.json")
+            fitted = [f"data.crop_pct={fitted_crop}"] if fitted_crop and not crop_given else []
+            cfg = config_from_dict(meta["config"], [*fitted, *overrides], source=f"{tag_dir}/meta.json")
+        if fitted:
+            print(f"[crop] crop_pct {fitted_crop}: fitted on minival at the end of training (--crop-pct to override)")
         samples, classes, benchmarks = None, None, None
         if args.suite:
             from trainer.benchmarks import find_benchmarks
@@ -180,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(env.device).eval()
     if benchmarks is not None:
         run_suite(args, cfg, model, benchmarks, env, bf16, name)
+        shutdown()
+        return 0
+    if args.fit_crop:
+        try:
+            fit_crop(args, cfg, model, env, bf16)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         shutdown()
         return 0
     top5s, labels = [], []
@@ -226,6 +241,37 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(result, indent=1))
     shutdown()
     return 0
+
+
+def fit_crop(args, cfg, model, env, bf16: bool) -> None:
+    """minival top-1 at each candidate crop; the best (ties: the one nearest the configured crop) printed and, for an
+    exported file, written into its header (the file is rewritten whole, atomically)."""
+    import torch
+
+    from data_pipeline import CROP_CANDIDATES, minival_loader
+    from trainer.evaluate import evaluate
+
+    scores = {}
+    for crop in CROP_CANDIDATES:
+        loader = minival_loader(cfg, env.rank, env.world_size, env.device, crop)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            scores[crop] = evaluate(model, loader, env.device, torch.float32)[0]
+    best = max(CROP_CANDIDATES, key=lambda c: (scores[c], -abs(c - (cfg.data.crop_pct or 0.875))))
+    if not env.is_main:
+        return
+    print("minival top1 by crop_pct: " + ", ".join(f"{c} {v:.2f}" for c, v in scores.items())
+          + f"; recommended crop_pct {best}")
+    if args.checkpoint.suffix == ".safetensors":
+        from models.exported import load_exported, save_exported
+        state, header = load_exported(args.checkpoint)
+        extra = {k: v for k, v in header.items() if k not in ("format", "model", "model_args")}
+        tmp = args.checkpoint.with_name(f".{args.checkpoint.name}.tmp")
+        save_exported(tmp, header["model"], state, header["model_args"], **{**extra, "eval_crop_pct": best})
+        tmp.replace(args.checkpoint)
+        print(f"{args.checkpoint}: eval_crop_pct {best} written into its header; evaluate.py uses it unless told "
+              "otherwise")
+    if args.json:
+        args.json.write_text(json.dumps({"minival_top1_by_crop_pct": scores, "eval_crop_pct": best}, indent=1))
 
 
 def run_suite(args, cfg, model, benchmarks, env, bf16: bool, name: str) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from conftest import REPO, run_script
 from data_pipeline.sharding import epoch_end, epoch_permutation, resumed_epoch_end, train_shard
+from models.exported import load_exported
 from trainer.config import CONFIG_DIR, ConfigError, load_config, plan_run
 from trainer.ds_config import bucket_size
 from trainer.state import RunState
@@ -591,3 +592,21 @@ def test_minival_is_held_out_of_training_at_any_world_size(tmp_path, digits_root
     assert len(held_paths) == 50 and len(trained) == 6 * 96
     assert not held_paths & set(trained)
     assert sorted(Counter(samples.labels[held].tolist()).values()) == [5] * 10  # 5 of each class
+    # the evaluation crop fitted on minival at the end: in the log, the checkpoint, its export, and used by evaluate
+    fit = re.search(r"\[crop\] minival top1 by crop_pct: (.*); recommended evaluation crop_pct ([\d.]+)", r.stdout)
+    assert fit and len(fit[1].split(", ")) == 4, r.stdout[-1500:]
+    scores = {float(c): float(v) for c, v in (x.split() for x in fit[1].split(", "))}
+    best = float(fit[2])
+    assert scores[best] == max(scores.values())
+    meta = json.loads(sorted((tmp_path / "mv/checkpoints").glob("step_*/meta.json"))[-1].read_text())
+    assert meta["state"]["eval_crop_pct"] == best and meta["class_names"] == [f"digit_{i}" for i in range(10)]
+    out = tmp_path / "mv.safetensors"
+    assert run_script(str(REPO / "launch/export.py"), str(tmp_path / "mv"), "--out", str(out)).returncode == 0
+    assert load_exported(out)[1]["eval_crop_pct"] == best
+    ev = run_script(str(REPO / "launch/evaluate.py"), str(out), "--config", "cs_mixer_tiny", f"data.root={digits_root}")
+    assert ev.returncode == 0 and f"[crop] crop_pct {best}: fitted on minival" in ev.stdout, ev.stderr[-2000:]
+    assert "@ 32px" in ev.stdout
+    refit = run_script(str(REPO / "launch/evaluate.py"), str(out), "--config", "cs_mixer_tiny", "--fit-crop",
+                       f"data.root={digits_root}", "data.minival_per_class=5")
+    assert refit.returncode == 0, refit.stderr[-2000:]
+    assert f"recommended crop_pct {best}" in refit.stdout and load_exported(out)[1]["eval_crop_pct"] == best

@@ -380,7 +380,7 @@ def export(tag_dir: Path, out: Path | None = None, ema: bool = False, dtype: tor
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     save_exported(tmp, meta["model"], {k: v.to(dtype) for k, v in state.items()}, args, step=meta["state"]["step"],
-                  class_names=meta.get("class_names"),
+                  class_names=meta.get("class_names"), eval_crop_pct=meta["state"].get("eval_crop_pct"),
                   weights="ema" if ema else "model", source=str(tag_dir.resolve()))
     os.replace(tmp, out)
     return out

@@ -18,6 +18,8 @@ class RunState:
     last_top1: float | None = None  # the latest evaluation's, likewise
     rollbacks: int = 0             # reloads after a non-finite loss
     skip: list[list[int]] = field(default_factory=list)  # [epoch, start, end] windows never to read again
+    eval_crop_pct: float | None = None  # the evaluation crop fitted on minival at the end of training
+    crop_fit: dict[str, float] | None = None  # minival top-1 at each crop_pct tried
 
     def advance(self, samples: int) -> None:
         """One optimizer step of `samples` global samples taken."""

@@ -322,6 +322,31 @@ class Evaluator:
             t.tracker.log_metrics({"val/top1_by_epoch": state.last_top1}, state.epoch + 1)
             self.off_track(state.epoch + 1, state.last_top1)
 
+    def fit_crop(self) -> None:
+        """The evaluation crop from data: minival top-1 at each crop_pct of CROP_CANDIDATES with the weights that
+        are reported (EMA where on); the best goes into the state, so the last checkpoint and its export carry it
+        as the recommended evaluation transform."""
+        from data_pipeline import CROP_CANDIDATES, minival_loader
+
+        t, state = self.t, self.t.state
+        model = self.ema_model if t.ema is not None else t.engine
+        model.eval()
+        scores = {}
+        autocast = torch.autocast(t.env.device.type, dtype=torch.bfloat16) if t.bf16_compute and t.ema is not None \
+            else contextlib.nullcontext()
+        for crop in CROP_CANDIDATES:
+            loader = minival_loader(t.cfg, t.env.rank, t.env.world_size, t.env.device, crop)
+            with autocast:
+                scores[str(crop)] = evaluate(model, loader, t.env.device, torch.float32 if t.ema else t.dtype)[0]
+        best = max(CROP_CANDIDATES, key=lambda c: (scores[str(c)], -abs(c - (t.cfg.data.crop_pct or 0.875))))
+        state.eval_crop_pct, state.crop_fit = best, scores
+        t.engine.train()
+        t.log("[crop] minival top1 by crop_pct: " + ", ".join(f"{c} {v:.2f}" for c, v in scores.items())
+              + f"; recommended evaluation crop_pct {best} (in the checkpoint and its export)")
+        if t.tracker:
+            t.tracker.log_metrics({f"minival/top1_crop_{c}": v for c, v in scores.items()}, state.step)
+            t.tracker.set_tags({"eval_crop_pct": str(best)})
+
     def off_track(self, epoch: int, top1: float) -> None:
         """Behind the best earlier finished run of the same recipe, at the same epoch, by more than
         tracking.off_track_points: a warning line, an MLflow tag and metric. The reference is read once."""
@@ -596,6 +621,8 @@ class Trainer:
                 if epoch_done or self.finished:
                     with self.meter.paused():
                         self.evaluator.run()
+                        if self.finished and self.train_loader.minival is not None:
+                            self.evaluator.fit_crop()
                 if epoch_done:
                     state.next_epoch(self.epoch_end)
                 if save_due or stop:
