@@ -65,20 +65,6 @@ def samples_from(data_dir: Path | None, filelist: Path | None, split: str) -> tu
     return scan_split(folder.parent, folder.name, use_filelist=False)
 
 
-def real_label_sets(path: Path, samples: list[tuple[str, int]]) -> list[list[int]]:
-    """The ReaL label set of each sample, by file name."""
-    data = json.loads(path.read_text())
-    if isinstance(data, list):  # real.json: image i is ILSVRC2012_val_{i+1:08d}.JPEG
-        data = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": labels for i, labels in enumerate(data)}
-    if not isinstance(data, dict):
-        raise ValueError(f"--real-labels {path}: expected a JSON list (real.json) or object {{file name: [labels]}}")
-    missing = [Path(p).name for p, _ in samples if Path(p).name not in data]
-    if missing:
-        raise ValueError(f"--real-labels {path} has no entry for {len(missing)} of the {len(samples)} images, "
-                         f"e.g. {missing[0]}")
-    return [list(data[Path(p).name]) for p, _ in samples]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="run dir, checkpoints/ dir, step_N dir, or an exported .safetensors")
@@ -113,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_pipeline import DataError, build_loaders
     from models.exported import load_exported
+    from trainer.benchmarks import real_label_sets
     from trainer.build import build_model
     from trainer.checkpoint import CheckpointError, consolidated_weights, find_checkpoint, state_mismatch
     from trainer.config import ConfigError, config_from_dict, find_config, load_config, resolved
@@ -280,53 +267,20 @@ def run_suite(args, cfg, model, benchmarks, env, bf16: bool, name: str) -> None:
     import time
 
     import torch
-    import torch.distributed as dist
 
     from data_pipeline import build_loaders
-    from data_pipeline.sharding import val_shard
     from models import model_info
-    from trainer.benchmarks import SuiteMeter, corruption_summary, reliability_plot, summarise
+    from trainer.benchmarks import evaluate_suite, reliability_plot
 
     crop_pct = cfg.data.crop_pct or model_info(name).crop_pct
     samples = [s for b in benchmarks for s in b.samples]
     _, loader = build_loaders(cfg, env.rank, env.world_size, env.device, train=False, val_samples=samples)
-    meter = SuiteMeter(benchmarks, cfg.model.num_classes, env.device)
-    first = int(val_shard(len(samples), env.rank, env.world_size)[:1].sum()) if len(samples) else 0
-    seen, val_top5 = first, []
-    val = next((i for i, b in enumerate(benchmarks) if b.key == "val" and b.real), None)
     start = time.perf_counter()
-    with torch.no_grad(), torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-        for images, target in loader:
-            logits = model(images.float()).float()
-            if args.hflip_tta:
-                logits = (logits + model(images.float().flip(3)).float()) / 2
-            top5 = meter.update(logits, target.to(logits.device).long(), seen)
-            if val is not None:  # ReaL scores the val images' top-5 against their label sets
-                lo, hi = int(meter.offsets[val]), int(meter.offsets[val + 1])
-                for k in range(max(lo, seen), min(hi, seen + len(target))):
-                    val_top5.append((k - lo, top5[k - seen].tolist()))
-            seen += len(target)
-    if dist.is_initialized():
-        dist.all_reduce(meter.sums)
-        if val is not None:
-            gathered = [None] * env.world_size
-            dist.all_gather_object(gathered, val_top5)
-            val_top5 = [x for part in gathered for x in part]
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    table = evaluate_suite(model, loader, benchmarks, cfg.model.num_classes, env, args.hflip_tta, autocast)
     seconds = time.perf_counter() - start
-    if not env.is_main:
+    if table is None:
         return
-    rows = {b.key: r for b, r in zip(benchmarks, meter.results())}
-    table = {k: r for k, r in rows.items() if not k.startswith("imagenet-c/")}
-    if val is not None:
-        real = real_label_sets(benchmarks[val].real, benchmarks[val].samples)
-        keep = [(i, p) for i, p in val_top5 if real[i]]
-        table["val"]["real_top1"] = round(100 * sum(p[0] in real[i] for i, p in keep) / max(len(keep), 1), 3)
-        table["val"]["real_top5"] = round(100 * sum(any(x in real[i] for x in p) for i, p in keep) / max(len(keep), 1), 3)
-    c_rows = [i for i, b in enumerate(benchmarks) if b.corruption]
-    if c_rows:
-        table["imagenet-c"] = {**summarise(meter.sums[c_rows].sum(0).cpu()), **corruption_summary(rows),
-                               "severities": {k: {m: v for m, v in r.items() if m != "bins"}
-                                              for k, r in rows.items() if k.startswith("imagenet-c/")}}
     params = sum(p.numel() for p in model.parameters())
     print(f"{name} ({params / 1e6:.2f} M params) @ {cfg.model.img_size}px, crop_pct {crop_pct}, "
           f"{'bf16' if bf16 else 'fp32'}{', hflip TTA' if args.hflip_tta else ''}: {len(samples)} images in "

@@ -13,6 +13,7 @@ Every image of every benchmark goes through one loader pass; each rank sums its 
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,71 @@ def summarise(row: torch.Tensor) -> dict:
     return {"images": int(count), "top1": round(100 * hit1 / n, 3), "top5": round(100 * hit5 / n, 3),
             "nll": round(nll / n, 4), "ece": round(100 * ece, 3),
             "bins": {"images": images.long().tolist(), "confidence": conf.tolist(), "hits": hits.tolist()}}
+
+
+def evaluate_suite(model, loader, benchmarks: list[Benchmark], num_classes: int, env, hflip: bool = False,
+                   autocast=None) -> dict | None:
+    """One pass of `loader` (every benchmark's samples, concatenated in order, sharded as val is) through `model`;
+    per-benchmark sums all-reduced. Rank 0 gets the table: one entry per benchmark (ImageNet-C pooled, with its
+    corruptions, CE and mCE), ReaL figures on val where real.json is; other ranks get None."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from data_pipeline.sharding import val_shard
+
+    n = sum(len(b.samples) for b in benchmarks)
+    meter = SuiteMeter(benchmarks, num_classes, env.device)
+    seen = int(val_shard(n, env.rank, env.world_size)[:1].sum()) if n else 0
+    val = next((i for i, b in enumerate(benchmarks) if b.key == "val" and b.real), None)
+    val_top5 = []
+    with torch.no_grad(), autocast or contextlib.nullcontext():
+        for images, target in loader:
+            logits = model(images.float()).float()
+            if hflip:
+                logits = (logits + model(images.float().flip(3)).float()) / 2
+            top5 = meter.update(logits, target.to(logits.device).long(), seen)
+            if val is not None:  # ReaL scores the val images' top-5 against their label sets
+                lo, hi = int(meter.offsets[val]), int(meter.offsets[val + 1])
+                for k in range(max(lo, seen), min(hi, seen + len(target))):
+                    val_top5.append((k - lo, top5[k - seen].tolist()))
+            seen += len(target)
+    if dist.is_initialized():
+        dist.all_reduce(meter.sums)
+        if val is not None:
+            gathered = [None] * env.world_size
+            dist.all_gather_object(gathered, val_top5)
+            val_top5 = [x for part in gathered for x in part]
+    if not env.is_main:
+        return None
+    rows = {b.key: r for b, r in zip(benchmarks, meter.results())}
+    table = {k: r for k, r in rows.items() if not k.startswith("imagenet-c/")}
+    if val is not None:
+        real = real_label_sets(benchmarks[val].real, benchmarks[val].samples)
+        keep = [(i, p) for i, p in val_top5 if real[i]]
+        table["val"]["real_top1"] = round(100 * sum(p[0] in real[i] for i, p in keep) / max(len(keep), 1), 3)
+        table["val"]["real_top5"] = round(100 * sum(any(x in real[i] for x in p) for i, p in keep) / max(len(keep), 1), 3)
+    c_rows = [i for i, b in enumerate(benchmarks) if b.corruption]
+    if c_rows:
+        table["imagenet-c"] = {**summarise(meter.sums[c_rows].sum(0).cpu()), **corruption_summary(rows),
+                               "severities": {k: {m: v for m, v in r.items() if m != "bins"}
+                                              for k, r in rows.items() if k.startswith("imagenet-c/")}}
+    return table
+
+
+def real_label_sets(path: Path, samples: list[tuple[str, int]]) -> list[list[int]]:
+    """The ReaL label set of each sample, by file name."""
+    data = json.loads(path.read_text())
+    if isinstance(data, list):  # real.json: image i is ILSVRC2012_val_{i+1:08d}.JPEG
+        data = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": labels for i, labels in enumerate(data)}
+    if not isinstance(data, dict):
+        raise ValueError(f"--real-labels {path}: expected a JSON list (real.json) or object {{file name: [labels]}}")
+    missing = [Path(p).name for p, _ in samples if Path(p).name not in data]
+    if missing:
+        raise ValueError(f"--real-labels {path} has no entry for {len(missing)} of the {len(samples)} images, "
+                         f"e.g. {missing[0]}")
+    return [list(data[Path(p).name]) for p, _ in samples]
+
 
 
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:

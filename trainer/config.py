@@ -161,6 +161,12 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    suite_root: str | None = None      # a benchmark folder (evaluate.py --suite's layouts): evaluated at the end
+    suite_every_epochs: int = knob(0, ge=0)  # and every N epochs (0: only at the end); suite/<benchmark>/<metric>
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -171,6 +177,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -49,7 +49,7 @@ from .checkpoint import (
     set_rng_state,
     to_universal,
 )
-from .config import RunConfig, plan_run
+from .config import ConfigError, RunConfig, plan_run
 from .distributed import init_distributed
 from .ema import ModelEma
 from .evaluate import evaluate
@@ -312,6 +312,9 @@ class Evaluator:
                 self.ema_top1, ema_top5 = evaluate(self.ema_model, t.val_loader, t.env.device, torch.float32)
             line += f" | EMA top1 {self.ema_top1:.2f} top5 {ema_top5:.2f}"
             metrics.update({"val/ema_top1": self.ema_top1, "val/ema_top5": ema_top5})
+        every = t.cfg.eval.suite_every_epochs
+        if t.suite and (t.finished or (every and (state.epoch + 1) % every == 0)):
+            metrics.update(self.run_suite())
         t.engine.train()
         state.last_top1 = self.ema_top1 if t.ema is not None else self.top1
         state.best_top1 = max(state.best_top1 or 0.0, state.last_top1)
@@ -321,6 +324,27 @@ class Evaluator:
             # by epoch too (epochs done so far): what earlier runs are compared at (off-track, compare.py)
             t.tracker.log_metrics({"val/top1_by_epoch": state.last_top1}, state.epoch + 1)
             self.off_track(state.epoch + 1, state.last_top1)
+
+    def run_suite(self) -> dict[str, float]:
+        """eval.suite_root's benchmarks with the reported weights (EMA where on): a line each, and the metrics
+        suite/<benchmark>/<top1|top5|ece|nll|mce|real_top1> for MLflow."""
+        from .benchmarks import evaluate_suite
+
+        t = self.t
+        if t.ema is not None:
+            model = self.ema_model
+        else:
+            model = lambda x: t.engine(x.to(t.dtype))  # noqa: E731  (the engine's own input dtype)
+        table = evaluate_suite(model, t.suite_loader, t.suite, t.cfg.model.num_classes, t.env)
+        metrics = {}
+        for key, r in (table or {}).items():
+            extra = f" mCE {r['mce'] if r.get('mce') is not None else r.get('mce_partial')}" if "mce_partial" in r else ""
+            t.log(f"[suite] {key}: top1 {r['top1']:.2f} top5 {r['top5']:.2f} ECE {r['ece']:.2f} NLL {r['nll']:.4f}"
+                  f" ({r['images']} images){extra}")
+            for metric in ("top1", "top5", "ece", "nll", "real_top1", "mce"):
+                if r.get(metric) is not None:
+                    metrics[f"suite/{key}/{metric}"] = float(r[metric])
+        return metrics
 
     def fit_crop(self) -> None:
         """The evaluation crop from data: minival top-1 at each crop_pct of CROP_CANDIDATES with the weights that
@@ -447,6 +471,11 @@ class Trainer:
         for loader in (self.train_loader, self.val_loader, self.train_loader.minival):  # fork the data workers
             if loader is not None:                                                     # before any thread starts
                 getattr(loader.source, "start_workers", lambda: None)()
+        self.suite = self.suite_loader = None
+        if cfg.eval.suite_root:  # found and checked now, its workers forked before any thread starts
+            self.suite, self.suite_loader = build_suite(cfg, self.train_loader.class_names, env)
+            self.log(f"[suite] eval.suite_root={cfg.eval.suite_root}: {', '.join(b.key for b in self.suite[:6])}"
+                     f"{' ...' if len(self.suite) > 6 else ''} ({sum(len(b.samples) for b in self.suite)} images)")
         if self.train_loader.minival is not None:
             self.log(f"[data] data.minival_per_class={cfg.data.minival_per_class}: {self.train_loader.minival.num_samples}"
                      f" train images held out as minival, {self.train_loader.num_samples} left to train on")
@@ -735,6 +764,29 @@ class Trainer:
         return TrainResult(step=self.state.step, top1=e.top1, top5=e.top5, ema_top1=e.ema_top1, preempted=preempted,
                            rollbacks=self.state.rollbacks,
                            images_per_sec=m.steady_images / m.steady_s if m.steady_s else None)
+
+
+def build_suite(cfg: RunConfig, class_names: list[str] | None, env) -> tuple[list, object]:
+    """eval.suite_root's benchmarks, mapped by the training tree's class names, and one val-style loader over all
+    their images (JPEG files: the folder backend, or DALI where the run uses it)."""
+    import dataclasses
+
+    from data_pipeline import build_loaders
+
+    from .benchmarks import SuiteError, find_benchmarks
+
+    if not class_names:
+        raise ConfigError(f"eval.suite_root={cfg.eval.suite_root}: the suite maps classes by name, and this run's "
+                          "data has none (an FFCV file without its folder tree beside it)")
+    try:
+        benchmarks, _ = find_benchmarks(cfg.eval.suite_root, class_names)
+    except SuiteError as e:
+        raise ConfigError(f"eval.suite_root: {e}") from None
+    data = dataclasses.replace(cfg.data, backend=cfg.data.backend if cfg.data.backend == "dali" else "folder")
+    _, loader = build_loaders(dataclasses.replace(cfg, data=data), env.rank, env.world_size, env.device, train=False,
+                              val_samples=[s for b in benchmarks for s in b.samples])
+    getattr(loader.source, "start_workers", lambda: None)()
+    return benchmarks, loader
 
 
 def train(cfg: RunConfig) -> TrainResult:
