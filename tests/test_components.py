@@ -12,9 +12,19 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
+
 
 def test_torch_is_the_pinned_build():
-    assert torch.__version__.split("+")[0] == "2.13.0"
+    """The versions constraints.txt pins (torch with its torchvision, so timm imports) are the ones running."""
+    import re
+
+    import timm
+    import torchvision
+
+    pins = dict(re.findall(r"^(torch|torchvision|timm)==(\S+)$", (REPO / "constraints.txt").read_text(), re.M))
+    assert torch.__version__.split("+")[0] == pins["torch"] == "2.14.1"
+    assert torchvision.__version__.split("+")[0] == pins["torchvision"] and timm.__version__ == pins["timm"]
     assert torch.distributed.is_gloo_available()
 
 
