@@ -243,7 +243,10 @@ def fit_crop(args, cfg, model, env, bf16: bool) -> None:
         loader = minival_loader(cfg, env.rank, env.world_size, env.device, crop)
         with torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             scores[crop] = evaluate(model, loader, env.device, torch.float32)[0]
-    best = max(CROP_CANDIDATES, key=lambda c: (scores[c], -abs(c - (cfg.data.crop_pct or 0.875))))
+    from models import model_info
+
+    usual = cfg.data.crop_pct or model_info(cfg.model.name).crop_pct  # ties: the crop it would use anyway
+    best = max(CROP_CANDIDATES, key=lambda c: (scores[c], -abs(c - usual)))
     if not env.is_main:
         return
     print("minival top1 by crop_pct: " + ", ".join(f"{c} {v:.2f}" for c, v in scores.items())

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Render the MLflow UI page of a run in headless Chromium and save a PNG, to look at a run's
 # charts without a browser:
-#   scripts/mlflow_screenshot.sh RUN_OUTPUT_DIR [RUN_NAME] [OUT.png]
+#   scripts/mlflow_screenshot.sh RUN_OUTPUT_DIR [RUN_NAME] [OUT.png]     (SCREENSHOT_HEIGHT=3000: a longer page)
 # RUN_OUTPUT_DIR is train.output_dir of the runs (it holds mlflow.db, the default local store);
 # RUN_NAME defaults to the newest run. A private `mlflow ui` on a free 127.0.0.1 port serves the
 # store and is stopped by its PID afterwards; Chromium is kept off the network.
@@ -41,7 +41,7 @@ print(runs[0].info.experiment_id, runs[0].info.run_id)
 PYEOF
 )
 URL="http://127.0.0.1:$PORT/#/experiments/$EXP_ID/runs/$RUN_ID/model-metrics"
-"$CHROME" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1400 \
+"$CHROME" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,${SCREENSHOT_HEIGHT:-1400} \
     --host-resolver-rules="MAP * ~NOTFOUND , EXCLUDE 127.0.0.1" --virtual-time-budget=120000 --run-all-compositor-stages-before-draw \
     --screenshot="$OUT" "$URL" >/dev/null 2>&1
 rm -f "$OUT.server.log"

@@ -188,7 +188,8 @@ def test_print_config_prints_the_resolved_recipe():
     assert cfg["train"]["global_batch"] == 1024 and cfg["optim"]["lr"] == 0.001
     assert cfg["train"]["epochs"] == 300 and cfg["schedule"]["warmup_epochs"] == 20
     assert cfg["optim"]["weight_decay"] == 0.05 and cfg["model"]["name"] == "cs_mixer_l"
-    assert set(cfg) == {"model", "data", "aug", "optim", "schedule", "train", "deepspeed", "checkpoint", "tracking"}
+    assert set(cfg) == {"model", "data", "aug", "optim", "schedule", "train", "deepspeed", "checkpoint", "tracking",
+                        "eval"}
 
 
 def test_print_config_with_override_and_config_name():

@@ -54,7 +54,7 @@ def check_python_command(words: list[str]) -> None:
     args = words[words.index(script) + 1:]
     help_text = script_help(script)
     usage = help_text.split("\n\n")[0]
-    if args and not args[0].startswith("-") and re.search(r"(\]|\.py) \{", usage):  # a subcommand
+    if args and not args[0].startswith("-") and re.search(r"(\]|\.py)\s+\{", usage):  # a subcommand
         assert args[0] in help_text, f"{script}: no subcommand {args[0]}"
         help_text = run_script(script, args[0], "--help").stdout
     for flag in (a.split("=")[0] for a in args if a.startswith("--")):

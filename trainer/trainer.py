@@ -312,13 +312,13 @@ class Evaluator:
                 self.ema_top1, ema_top5 = evaluate(self.ema_model, t.val_loader, t.env.device, torch.float32)
             line += f" | EMA top1 {self.ema_top1:.2f} top5 {ema_top5:.2f}"
             metrics.update({"val/ema_top1": self.ema_top1, "val/ema_top5": ema_top5})
-        every = t.cfg.eval.suite_every_epochs
-        if t.suite and (t.finished or (every and (state.epoch + 1) % every == 0)):
-            metrics.update(self.run_suite())
         t.engine.train()
         state.last_top1 = self.ema_top1 if t.ema is not None else self.top1
         state.best_top1 = max(state.best_top1 or 0.0, state.last_top1)
         t.log(line)
+        every = t.cfg.eval.suite_every_epochs
+        if t.suite and (t.finished or (every and (state.epoch + 1) % every == 0)):
+            metrics.update(self.run_suite())
         if t.tracker:
             t.tracker.log_metrics(metrics, state.step)
             # by epoch too (epochs done so far): what earlier runs are compared at (off-track, compare.py)
@@ -338,7 +338,8 @@ class Evaluator:
         table = evaluate_suite(model, t.suite_loader, t.suite, t.cfg.model.num_classes, t.env)
         metrics = {}
         for key, r in (table or {}).items():
-            extra = f" mCE {r['mce'] if r.get('mce') is not None else r.get('mce_partial')}" if "mce_partial" in r else ""
+            extra = "" if "mce_partial" not in r else f", mCE {r['mce']:.2f}" if r["mce"] is not None else \
+                f", mCE over the {len(r['corruptions'])} corruptions present {r['mce_partial']:.2f}"
             t.log(f"[suite] {key}: top1 {r['top1']:.2f} top5 {r['top5']:.2f} ECE {r['ece']:.2f} NLL {r['nll']:.4f}"
                   f" ({r['images']} images){extra}")
             for metric in ("top1", "top5", "ece", "nll", "real_top1", "mce"):
@@ -362,7 +363,8 @@ class Evaluator:
             loader = minival_loader(t.cfg, t.env.rank, t.env.world_size, t.env.device, crop)
             with autocast:
                 scores[str(crop)] = evaluate(model, loader, t.env.device, torch.float32 if t.ema else t.dtype)[0]
-        best = max(CROP_CANDIDATES, key=lambda c: (scores[str(c)], -abs(c - (t.cfg.data.crop_pct or 0.875))))
+        usual = t.cfg.data.crop_pct or model_info(t.cfg.model.name).crop_pct  # ties: the crop it would use anyway
+        best = max(CROP_CANDIDATES, key=lambda c: (scores[str(c)], -abs(c - usual)))
         state.eval_crop_pct, state.crop_fit = best, scores
         t.engine.train()
         t.log("[crop] minival top1 by crop_pct: " + ", ".join(f"{c} {v:.2f}" for c, v in scores.items())
@@ -474,8 +476,10 @@ class Trainer:
         self.suite = self.suite_loader = None
         if cfg.eval.suite_root:  # found and checked now, its workers forked before any thread starts
             self.suite, self.suite_loader = build_suite(cfg, self.train_loader.class_names, env)
-            self.log(f"[suite] eval.suite_root={cfg.eval.suite_root}: {', '.join(b.key for b in self.suite[:6])}"
-                     f"{' ...' if len(self.suite) > 6 else ''} ({sum(len(b.samples) for b in self.suite)} images)")
+            names = list(dict.fromkeys("imagenet-c" if b.corruption else b.key for b in self.suite))
+            self.log(f"[suite] eval.suite_root={cfg.eval.suite_root}: {', '.join(names)} "
+                     f"({sum(len(b.samples) for b in self.suite)} images), evaluated at the end"
+                     + (f" and every {cfg.eval.suite_every_epochs} epochs" if cfg.eval.suite_every_epochs else ""))
         if self.train_loader.minival is not None:
             self.log(f"[data] data.minival_per_class={cfg.data.minival_per_class}: {self.train_loader.minival.num_samples}"
                      f" train images held out as minival, {self.train_loader.num_samples} left to train on")
