@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import shutil
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import run_script
 from models import create_model
 from models.exported import load_exported, save_exported
 from trainer.benchmarks import (
@@ -193,30 +192,3 @@ def test_class_names_travel_with_the_weights(suite, tmp_path):
     assert create_model("s2mlpv2_tiny", checkpoint_path=str(old)).class_names is None
     out = run_script("launch/evaluate.py", str(old), "--config", "s2mlpv2_tiny", "--suite", str(tmp_path))
     assert out.returncode == 2 and "carries no class names" in out.stderr and "--class-names" in out.stderr
-
-
-@pytest.mark.slow
-def test_the_suite_inside_training_logs_each_benchmark(tmp_path, digits_root):
-    """eval.suite_root: a digits-suite tree (prepare_data.py digits-suite) evaluated at the end of a short 2-process
-    run: a line per benchmark, and suite/<benchmark>/<metric> in MLflow."""
-    from mlflow.tracking import MlflowClient
-
-    suite_root = tmp_path / "suite"
-    made = run_script("launch/prepare_data.py", "digits-suite", "--from", str(digits_root), "--out", str(suite_root))
-    assert made.returncode == 0, made.stderr[-2000:]
-    assert "imagenet-c 7100 images" in made.stdout  # 355 val images x 4 corruptions x 5 severities
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    r = run_script(str(REPO / "launch/train.py"), "--config", "cs_mixer_tiny", f"data.root={digits_root}",
-                   f"train.output_dir={tmp_path}", "train.run_name=s", "train.max_steps=2", "data.workers=1",
-                   f"eval.suite_root={suite_root}", f"tracking.uri={store}", "tracking.system_metrics=false",
-                   "tracking.log_model=false", nproc=2, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for key in ("val", "imagenetv2-matched-frequency", "sketch", "imagenet-a", "imagenet-r", "imagenet-c"):
-        assert re.search(rf"\[suite\] {key}: top1 [\d.]+ top5 [\d.]+ ECE [\d.]+ NLL [\d.]+", r.stdout), key
-    run = MlflowClient(store).search_runs([e.experiment_id for e in MlflowClient(store).search_experiments()])[0]
-    assert {"suite/val/top1", "suite/imagenet-a/ece", "suite/sketch/nll", "suite/val/real_top1"} <= set(run.data.metrics)
-    (tmp_path / "odd" / "cifar").mkdir(parents=True)
-    bad = run_script(str(REPO / "launch/train.py"), "--config", "cs_mixer_tiny", f"data.root={digits_root}",
-                     f"train.output_dir={tmp_path}", "train.run_name=b", "train.max_steps=1", "tracking.enabled=false",
-                     f"eval.suite_root={tmp_path / 'odd'}", cwd=tmp_path)  # found wrong at the start, not the end
-    assert bad.returncode != 0 and "eval.suite_root:" in bad.stderr and "matches no benchmark layout" in bad.stderr

@@ -573,18 +573,37 @@ def test_batch_size_auto_halves_on_out_of_memory_and_keeps_the_global_batch(monk
 @pytest.mark.slow
 def test_minival_is_held_out_of_training_at_any_world_size(tmp_path, digits_root):
     """data.minival_per_class=5: 50 digits train images held out, the same ones at 2 processes and after a resume at
-    1; none is ever in a training batch, and minival/top1 is evaluated beside val."""
+    1; none is ever in a training batch, and minival/top1 is evaluated beside val. The same run also evaluates a
+    digits-suite tree inside training (eval.suite_root) and fits the evaluation crop at its end."""
+    from mlflow.tracking import MlflowClient
+
     from data_pipeline.folder import scan_split
     from data_pipeline.sharding import minival_split
 
+    suite_root, store = tmp_path / "suite", f"sqlite:///{tmp_path}/mlflow.db"
+    made = run_script(str(REPO / "launch/prepare_data.py"), "digits-suite", "--from", str(digits_root), "--out",
+                      str(suite_root))
+    assert made.returncode == 0 and "imagenet-c 7100 images" in made.stdout, made.stderr  # 355 val x 4 x 5
     record = tmp_path / "samples.txt"
-    for nproc, stop in [(2, 3), (1, 6)]:
+    for nproc, stop, extra in [(2, 3, []), (1, 6, [f"eval.suite_root={suite_root}", "tracking.enabled=true",
+                                                   f"tracking.uri={store}", "tracking.system_metrics=false",
+                                                   "tracking.log_model=false"])]:
         r = digits_run(tmp_path, digits_root, "mv", "data.minival_per_class=5", "train.global_batch=96",
-                       "train.batch_size=48", "train.grad_accum=null", f"train.max_steps={stop}", nproc=nproc,
+                       "train.batch_size=48", "train.grad_accum=null", f"train.max_steps={stop}", *extra, nproc=nproc,
                        env={"TRAIN_TEST_RECORD_SAMPLES": str(record)})
         assert r.returncode == 0, r.stderr[-3000:]
         assert "50 train images held out as minival, 1392 left to train on" in r.stdout
         assert re.search(r"val top1 [\d.]+ top5 [\d.]+ \| minival top1 [\d.]+ top5 [\d.]+", r.stdout), r.stdout[-1500:]
+    # eval.suite_root (the second leg): every benchmark at the end, a line each and suite/<benchmark>/<metric>
+    for key in ("val", "imagenetv2-matched-frequency", "sketch", "imagenet-a", "imagenet-r", "imagenet-c"):
+        assert re.search(rf"\[suite\] {key}: top1 [\d.]+ top5 [\d.]+ ECE [\d.]+ NLL [\d.]+", r.stdout), key
+    client = MlflowClient(store)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert {"suite/val/top1", "suite/imagenet-a/ece", "suite/sketch/nll", "suite/val/real_top1", "minival/top1",
+            "val/top1"} <= set(run.data.metrics)
+    (tmp_path / "odd" / "cifar").mkdir(parents=True)
+    bad = digits_run(tmp_path, digits_root, "bad", "train.max_steps=1", f"eval.suite_root={tmp_path / 'odd'}")
+    assert bad.returncode != 0 and "eval.suite_root:" in bad.stderr and "matches no benchmark layout" in bad.stderr
     samples, _ = scan_split(digits_root, "train")
     _, held = minival_split(samples.labels, 5, 0)
     held_paths = {samples[int(i)][0] for i in held}
