@@ -136,10 +136,16 @@ def suite(tmp_path_factory):
 
 
 def test_suite_layouts_table_json_and_csv(suite, tmp_path):
+    from mlflow.tracking import MlflowClient
+
     root, weights = suite
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("suite")).info.run_id
     out = run_script("launch/evaluate.py", str(weights), "--config", "s2mlpv2_tiny", "--suite", str(root),
                      "--json", str(tmp_path / "suite.json"), "--results-csv", str(tmp_path / "suite.csv"),
-                     "--plots", str(tmp_path / "plots"), "data.workers=0", nproc=2)
+                     "--plots", str(tmp_path / "plots"), "--log-to", run_id, f"tracking.uri={store}",
+                     "data.workers=0", nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
     result = json.loads((tmp_path / "suite.json").read_text())
@@ -166,6 +172,10 @@ def test_suite_layouts_table_json_and_csv(suite, tmp_path):
     assert rows[0]["model"] == "s2mlpv2_tiny" and rows[0]["img_size"] == "32" and rows[0]["top1"] == "100.000"
     assert len(list((tmp_path / "plots").glob("reliability-*.png"))) == 6
     assert "mCE over the 2 corruptions present" in out.stdout and "restricted to its 4 classes" in out.stdout
+    logged = client.get_run(run_id).data.metrics  # --log-to: the figures and the diagrams in that MLflow run
+    assert logged["suite/val/top1"] == 100.0 and logged["suite/imagenet-c/top1"] == 50.0
+    assert logged["suite/val/real_top1"] == 100.0 and "suite/imagenet-r/ece" in logged
+    assert len([a for a in client.list_artifacts(run_id, "suite") if a.path.endswith(".png")]) == 6
 
 
 def test_wrong_layouts_and_names_are_clear_errors(suite, tmp_path):
