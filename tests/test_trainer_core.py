@@ -4,6 +4,7 @@ after a non-finite loss, and validation of the merged config (YAML + overrides +
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import statistics
@@ -121,6 +122,22 @@ def test_optimizer_and_schedule_knobs_are_read():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([1.0] * 10 + [0.1])
+    # wsd: warmup, peak until the last 40 steps, then to min_lr along the shape (t = progress of the decay)
+    for shape, fall in (("linear", lambda t: t), ("1-sqrt", math.sqrt), ("cosine", lambda t: (1 - math.cos(math.pi * t)) / 2)):
+        got = [lr_at(s, sched="wsd", cooldown_steps=40, cooldown_shape=shape, **common) for s in (5, 10, 59, 60, 70, 100)]
+        assert got == pytest.approx([0.5, 1.0, 1.0, 1.0, 1 - 0.99 * fall(0.25), 0.01]), shape
+    cfg = load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["schedule.sched=wsd", "schedule.cooldown_fraction=0.25",
+                                                          "schedule.warmup_epochs=0", "schedule.min_lr=0"])
+    opt = build_optimizer(cfg, model, 1.0)
+    sched = build_scheduler(cfg, opt, 1.0, steps_per_epoch=5, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:76] == pytest.approx([1.0] * 76) and lrs[84] == pytest.approx(1 - math.sqrt(9 / 25))
+    with pytest.raises(ConfigError, match="schedule.sched=wsd needs its decay phase"):
+        plan_run(load_config(CONFIG_DIR / "cs_mixer_tiny.yaml", ["schedule.sched=wsd"]), 1, check_data=False)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -89,13 +89,15 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    sched: Literal["cosine", "step", "const"] = "cosine"  # timm's names; stepped per optimizer update
+    sched: Literal["cosine", "step", "const", "wsd"] = "cosine"  # timm's names + wsd; stepped per optimizer update
     warmup_epochs: float = knob(5.0, ge=0.0)
     decay_epochs: float = knob(30.0, gt=0.0)   # step: lr x decay_rate every decay_epochs
     decay_rate: float = knob(0.1, gt=0.0, le=1.0)
     warmup_lr: float = knob(1e-6, ge=0.0)
     min_lr: float = knob(1e-5, ge=0.0)
-    cooldown_epochs: float = knob(0.0, ge=0.0)
+    cooldown_epochs: float = knob(0.0, ge=0.0)  # cosine/step: min_lr at the end (timm); wsd: the decay phase
+    cooldown_fraction: float = knob(0.0, ge=0.0, lt=1.0)  # wsd: the decay phase as a fraction of all steps instead
+    cooldown_shape: Literal["linear", "1-sqrt", "cosine"] = "1-sqrt"  # wsd: the decay's shape to min_lr
 
 
 @dataclass
@@ -398,6 +400,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.scale[1] > 1.0 or any(not 0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"data.scale must lie in (0, 1] and optim.betas in [0, 1): "
                           f"got data.scale={cfg.data.scale}, optim.betas={cfg.optim.betas}")
+    if cfg.schedule.sched == "wsd" and not (cfg.schedule.cooldown_epochs or cfg.schedule.cooldown_fraction):
+        raise ConfigError("schedule.sched=wsd needs its decay phase: schedule.cooldown_epochs (epochs) or "
+                          "schedule.cooldown_fraction (of all steps), e.g. schedule.cooldown_fraction=0.2")
     if cfg.schedule.warmup_epochs + cfg.schedule.cooldown_epochs >= cfg.train.epochs:
         raise ConfigError(f"schedule.warmup_epochs ({cfg.schedule.warmup_epochs}) + cooldown_epochs "
                           f"({cfg.schedule.cooldown_epochs}) must be fewer than train.epochs ({cfg.train.epochs})")

@@ -56,15 +56,24 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, lr: float) -> torch.optim.
 
 def lr_at(step: int, *, sched: str = "cosine", peak_lr: float, total_steps: int, warmup_steps: int,
           warmup_lr: float, min_lr: float, cooldown_steps: int = 0, decay_steps: int = 1,
-          decay_rate: float = 0.1) -> float:
+          decay_rate: float = 0.1, cooldown_shape: str = "1-sqrt") -> float:
     """Linear warmup from warmup_lr to peak_lr, then
     cosine: decay to min_lr over the remaining steps less the cooldown, min_lr for the cooldown;
     step:   peak_lr x decay_rate ** (steps after warmup // decay_steps), not below min_lr;
-    const:  peak_lr."""
+    const:  peak_lr;
+    wsd:    warmup-stable-decay: peak_lr until the last cooldown_steps, then down to min_lr along
+            cooldown_shape (linear, 1-sqrt, cosine of the decay's progress t in [0, 1])."""
     if step < warmup_steps:
         return warmup_lr + (peak_lr - warmup_lr) * step / warmup_steps
     if sched == "const":
         return peak_lr
+    if sched == "wsd":
+        start = total_steps - cooldown_steps
+        if step < start:
+            return peak_lr
+        t = min(1.0, (step - start) / max(1, cooldown_steps))
+        fall = {"linear": t, "1-sqrt": math.sqrt(t), "cosine": 0.5 * (1 - math.cos(math.pi * t))}[cooldown_shape]
+        return peak_lr - (peak_lr - min_lr) * fall
     if sched == "step":
         return max(min_lr, peak_lr * decay_rate ** ((step - warmup_steps) // max(1, decay_steps)))
     decay = max(1, total_steps - warmup_steps - cooldown_steps)
@@ -78,6 +87,8 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, peak_lr: f
     s = cfg.schedule
     args = dict(sched=s.sched, peak_lr=peak_lr, total_steps=total_steps, warmup_lr=s.warmup_lr, min_lr=s.min_lr,
                 warmup_steps=round(s.warmup_epochs * steps_per_epoch),
-                cooldown_steps=round(s.cooldown_epochs * steps_per_epoch),
-                decay_steps=round(s.decay_epochs * steps_per_epoch), decay_rate=s.decay_rate)
+                cooldown_steps=round(s.cooldown_epochs * steps_per_epoch) if s.cooldown_epochs or s.sched != "wsd"
+                else round(s.cooldown_fraction * total_steps),
+                decay_steps=round(s.decay_epochs * steps_per_epoch), decay_rate=s.decay_rate,
+                cooldown_shape=s.cooldown_shape)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, **args) / peak_lr)
