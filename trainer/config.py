@@ -125,6 +125,7 @@ class TrainConfig:
     output_dir: str = "runs"
     run_name: str | None = None                  # null: <model>-<timestamp>
     resume: str = "auto"                         # auto | none | path to a checkpoint
+    branch_of: str | None = None                 # "<trunk run dir>@step_N": set by launch/branch.py (MLflow tags)
     init_from: str | None = None                 # start from these weights (exported .safetensors or a checkpoint);
                                                  # fresh optimizer, schedule and state; another head re-initialised
 

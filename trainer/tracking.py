@@ -457,6 +457,9 @@ def start_run_tracking(cfg, run_dir: Path, world_size: int, run_id: str | None, 
     if run_id is None:
         info = model_info(cfg.model.name)
         tracker.log_params(flatten(cfg.to_dict()))
+        if cfg.train.branch_of:  # launch/branch.py: a cooldown off a trunk (nested under its run)
+            trunk, _, step = cfg.train.branch_of.rpartition("@step_")
+            tags.update(branch_of=trunk, branch_step=step)
         tracker.set_tags({**tags, "model": cfg.model.name, "family": info.family, "git_commit": git_commit(),
                           "mlflow.runName": run_dir.name})
         for name in ("config.yaml", "deepspeed_config.json"):

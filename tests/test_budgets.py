@@ -1,0 +1,85 @@
+"""One run, many budgets: a warmup-stable-decay trunk and cooldown branches off it (launch/branch.py)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_script
+
+TRAIN, BRANCH = str(REPO / "launch/train.py"), str(REPO / "launch/branch.py")
+
+
+def losses(stdout: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+)/\d+ loss ([\d.]+)", stdout)}
+
+
+@pytest.mark.slow
+def test_a_branch_resumes_the_trunk_exactly_and_a_preempted_branch_ends_the_same(tmp_path, digits_root):
+    """A 3-epoch wsd trunk (15 steps an epoch); two branches at epoch 1 with a 1-epoch cooldown. Branch A runs
+    through; branch B is stopped by SIGUSR1 mid-cooldown and run again. Both end with the same weights; the lr
+    falls from the peak to min_lr over steps 16-30; the MLflow runs nest under the trunk's."""
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    common = [f"data.root={digits_root}", f"train.output_dir={tmp_path}", "train.log_every=1", "data.workers=1",
+              f"tracking.uri={store}", "tracking.system_metrics=false", "tracking.log_model=false"]
+    trunk = run_script(TRAIN, "--config", "cs_mixer_tiny", *common, "train.run_name=trunk", "train.epochs=3",
+                       "train.global_batch=96", "train.batch_size=96", "train.grad_accum=null",
+                       "schedule.sched=wsd", "schedule.cooldown_epochs=1", "schedule.warmup_epochs=0.5",
+                       "checkpoint.keep_every_epochs=1", cwd=tmp_path)
+    assert trunk.returncode == 0, trunk.stderr[-3000:]
+    bad = run_script(BRANCH, str(tmp_path / "trunk"), "--at", "epoch_3", "--cooldown-epochs", "1")
+    assert bad.returncode == 2 and "in the trunk's own decay (from step 30)" in bad.stderr, bad.stderr
+    missing = run_script(BRANCH, str(tmp_path / "trunk"), "--at", "step_7", "--cooldown-epochs", "1")
+    assert missing.returncode == 2 and "no complete checkpoint at step_7" in missing.stderr and "step_15" in missing.stderr
+
+    def branch(name: str) -> str:
+        made = run_script(BRANCH, str(tmp_path / "trunk"), "--at", "epoch_1", "--cooldown-epochs", "1",
+                          "--name", name)
+        assert made.returncode == 0, made.stderr[-2000:]
+        assert "decay over 1 epochs (15 steps, 1-sqrt) to step 30" in made.stdout
+        return str(tmp_path / name / "branch.yaml")
+
+    a = run_script(TRAIN, "--config", branch("A"), cwd=tmp_path)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert f"[resume] {tmp_path}/A/checkpoints/step_00000015" in a.stdout
+    lrs = {int(s): float(v) for s, v in re.findall(r"step (\d+)/30 loss [\d.]+ lr ([\d.e+-]+)", a.stdout)}
+    assert sorted(lrs) == list(range(16, 31)) and lrs[30] == pytest.approx(1e-5, rel=1e-3)  # min_lr at the end
+    assert all(lrs[s] > lrs[s + 1] for s in range(16, 30))
+
+    config = branch("B")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, TRAIN, "--config", config], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    first = []
+    for line in proc.stdout:
+        first.append(line)
+        if "step 20/30" in line:
+            proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 85 and "[stop] signal received" in "".join(first)
+    b = run_script(TRAIN, "--config", config, cwd=tmp_path)
+    assert b.returncode == 0, b.stderr[-3000:]
+    merged = {**losses("".join(first)), **losses(b.stdout)}
+    assert merged == losses(a.stdout)  # the same continuation, step for step
+    wa = torch.load(tmp_path / "A/checkpoints/step_00000030/mp_rank_00_model_states.pt", weights_only=False)["module"]
+    wb = torch.load(tmp_path / "B/checkpoints/step_00000030/mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    trunk_meta = json.loads((tmp_path / "trunk/checkpoints/step_00000015/meta.json").read_text())
+    branch_meta = json.loads((tmp_path / "A/checkpoints/step_00000015/meta.json").read_text())
+    assert trunk_meta["seq"] == branch_meta["seq"]  # the same checkpoint, its weights hard links (no copy):
+    assert (tmp_path / "trunk/checkpoints/step_00000015/mp_rank_00_model_states.pt").stat().st_nlink >= 2
+    client = MlflowClient(store)
+    runs = {r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert set(runs) == {"trunk", "A", "B"}  # each branch its own run; the trunk's run got nothing from them
+    assert max(m.step for m in client.get_metric_history(runs["trunk"].info.run_id, "train/loss")) == 45
+    for name in ("A", "B"):
+        tags = runs[name].data.tags
+        assert tags["mlflow.parentRunId"] == runs["trunk"].info.run_id
+        assert tags["branch_of"] == str((tmp_path / "trunk").resolve()) and tags["branch_step"] == "15"
