@@ -179,14 +179,14 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
                       img_size=size, interpolation=d.interpolation)
         if d.backend == "folder":
             train_src = FolderSource(train_samples, train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
-                                     **common) if train else None
+                                     repeats=cfg.aug.repeats, **common) if train else None
             val_src = FolderSource(val_samples, train=False, crop_pct=crop_pct, **common)
             minival_src = FolderSource(minival_samples, train=False, crop_pct=crop_pct, **common) \
                 if minival_samples is not None else None
         else:
             from .dali_source import DaliSource
             train_src = DaliSource(train_samples, f"{d.root}/train", train=True, scale=d.scale, ratio=d.ratio,
-                                   hflip=d.hflip, device=device, **common) if train else None
+                                   hflip=d.hflip, device=device, repeats=cfg.aug.repeats, **common) if train else None
             val_src = DaliSource(val_samples, "the evaluated images" if explicit_val else f"{d.root}/val",
                                  train=False, crop_pct=crop_pct, device=device, **common)
             minival_src = DaliSource(minival_samples, f"{d.root}/train (minival)", train=False, crop_pct=crop_pct,
@@ -207,7 +207,7 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
                                        d.minival_per_class, seed)
         train_src = FfcvSource(d.root, "train", train=True, scale=d.scale, ratio=d.ratio, hflip=d.hflip,
                                normalize=(info.mean, info.std) if normalized else None, indices=kept,
-                               **common) if train else None
+                               repeats=cfg.aug.repeats, **common) if train else None
         minival_src = FfcvSource(d.root, "train", train=False, crop_pct=crop_pct, indices=held,
                                  normalize=(info.mean, info.std) if normalized else None, **common) \
             if held is not None else None

@@ -60,13 +60,14 @@ class DaliSource:
     def __init__(self, samples: SampleList | list[tuple[str, int]], where: str, rank: int, world_size: int, batch_size: int,
                  train: bool, workers: int, seed: int, img_size: int, device: torch.device, *,
                  interpolation: str = "bicubic", scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5,
-                 crop_pct: float = 0.875) -> None:
-        """samples: (path, class index) from folder.scan_split, checked by build_loaders; where: for messages."""
+                 crop_pct: float = 0.875, repeats: int = 1) -> None:
+        """samples: (path, class index) from folder.scan_split, checked by build_loaders; where: for messages.
+        repeats: repeated augmentation (each copy gets its own draws: DALI's random ops draw per sample read)."""
         samples = SampleList.from_pairs(samples)
         self.files, self.where = samples.paths(), where
         self.labels = samples.labels.astype(np.int32)
         self.rank, self.world_size, self.batch_size, self.train = rank, world_size, batch_size, train
-        self.threads, self.seed, self.device = max(1, workers), seed, device
+        self.threads, self.seed, self.device, self.repeats = max(1, workers), seed, device, repeats
         self.opts = dict(img_size=img_size, interp=interpolation, scale=tuple(scale), ratio=tuple(ratio),
                          hflip=hflip, crop_pct=crop_pct)
         n = self.num_samples = len(samples)
@@ -84,8 +85,8 @@ class DaliSource:
         if not self.train:
             return self.files, self.labels.tolist()
         n = len(self.files)
-        order = np.concatenate([train_shard(n, r, self.world_size, self.batch_size, self.seed, epoch, start, end)
-                                for r in range(self.world_size)])
+        order = np.concatenate([train_shard(n, r, self.world_size, self.batch_size, self.seed, epoch, start, end,
+                                            self.repeats) for r in range(self.world_size)])
         return [self.files[i] for i in order], self.labels[order].tolist()
 
     def _pipeline(self, files: list[str], labels: list[int], seed: int):
@@ -133,7 +134,8 @@ class DaliSource:
         """This rank's sample indices in the order its reader reads them."""
         n = len(self.files)
         if self.train:
-            return train_shard(n, self.rank, self.world_size, self.batch_size, self.seed, epoch, start, end)
+            return train_shard(n, self.rank, self.world_size, self.batch_size, self.seed, epoch, start, end,
+                               self.repeats)
         return np.arange(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
 
     def _replace_undecodable(self, candidates: np.ndarray, error: Exception) -> None:

@@ -51,10 +51,11 @@ class FfcvSource:
                  workers: int, seed: int, img_size: int, device: torch.device, num_classes: int, *,
                  scale=(0.08, 1.0), ratio=(0.75, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
                  normalize: tuple | None = None, interpolation: str = "bicubic",
-                 indices: np.ndarray | None = None) -> None:
+                 indices: np.ndarray | None = None, repeats: int = 1) -> None:
         """normalize=(mean, std): normalise inside FFCV's compiled pipeline and emit floats (the fast
         path on a CPU when nothing needs the uint8 batch); None: emit uint8 for the device stage.
         indices: only these samples of the file (sorted), as the whole split (minival and the train rest).
+        repeats: repeated augmentation (FFCV's random crop draws per sample read, so each copy its own).
         Crops are resized as Pillow does (data_pipeline/ffcv_resize.py), not with FFCV's INTER_AREA."""
         with torch_threads_kept():
             from ffcv.fields.decoders import IntDecoder
@@ -82,7 +83,7 @@ class FfcvSource:
             decoder = train_decoder((img_size, img_size), scale=tuple(scale), ratio=tuple(ratio))
             image_ops = [decoder] + ([RandomHorizontalFlip(hflip)] if hflip else [])
             order_fn = lambda epoch, start, end: ids[train_shard(n, rank, world_size, batch_size, seed, epoch, start,
-                                                                 end)]
+                                                                 end, repeats)]
         else:
             decoder = val_decoder((img_size, img_size), ratio=crop_pct)
             image_ops = [decoder]

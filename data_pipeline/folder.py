@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import DataError
-from .sharding import train_shard, val_shard
+from .sharding import epoch_sequence, train_positions, val_shard
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
@@ -238,8 +238,10 @@ class ImageFolderSplit(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
-        """(image, label, 1 if the sample was replaced because its file did not decode)."""
+        """(image, label, 1 if the sample was replaced because its file did not decode). With repeated
+        augmentation the index carries the copy number (index + copy * len): each copy its own crop."""
         epoch, index = key
+        copy, index = divmod(index, len(self.samples))
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
@@ -251,7 +253,8 @@ class ImageFolderSplit(Dataset):
             raise RuntimeError(f"no image of the split decodes (the last tried: {path})")
         size = self.img_size
         if self.train:
-            gen = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & (2 ** 62 - 1))
+            draw = (self.seed, epoch, index, copy) if copy else (self.seed, epoch, index)
+            gen = torch.Generator().manual_seed(hash(draw) & (2 ** 62 - 1))
             img = img.resize((size, size), self.resample,
                              box=random_resized_crop_box(img.width, img.height, self.scale, self.ratio, gen))
             if self.hflip and torch.rand((), generator=gen).item() < self.hflip:
@@ -284,11 +287,17 @@ class FolderSource:
     """uint8 batches for one split of an ImageNet-layout tree, sharded for this rank."""
 
     def __init__(self, samples, rank: int, world_size: int, batch_size: int, train: bool, workers: int,
-                 seed: int, **dataset_args) -> None:
+                 seed: int, repeats: int = 1, **dataset_args) -> None:
         self.dataset = ImageFolderSplit(samples, train=train, seed=seed, **dataset_args)
         n = self.num_samples = len(samples)
-        order_fn = (lambda epoch, start, end: train_shard(n, rank, world_size, batch_size, seed, epoch, start, end)) \
-            if train else (lambda epoch, start, end: val_shard(n, rank, world_size))
+        self.rank = rank
+
+        def train_order(epoch: int, start: int, end: int | None) -> np.ndarray:
+            positions = train_positions(n, rank, world_size, batch_size, start, end, repeats)
+            copies = positions % repeats if repeats > 1 else 0  # the k-th copy of its image
+            return epoch_sequence(n, seed, epoch, repeats)[positions] + n * copies
+
+        order_fn = train_order if train else (lambda epoch, start, end: val_shard(n, rank, world_size))
         self.sampler = _WindowBatches(order_fn, batch_size)
         self.loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
                                  pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
@@ -315,5 +324,7 @@ class FolderSource:
             self.decode_failures += int(replaced.sum())
             if record:  # test-only: "epoch index path" of every train sample as its batch is handed on
                 with open(record, "a") as f:
-                    f.write("".join(f"{e} {i} {self.dataset.samples[i][0]}\n" for e, i in next(order)))
+                    n = len(self.dataset.samples)
+                    f.write("".join(f"{e} {i % n} {self.dataset.samples[i % n][0]} {self.rank}\n"
+                                    for e, i in next(order)))
             yield images, labels

@@ -41,15 +41,35 @@ def resumed_epoch_end(n: int, start: int, planned_end: int, step_samples: int) -
     return start + steps * step_samples
 
 
-def train_shard(n: int, rank: int, world_size: int, batch_size: int, seed: int, epoch: int,
-                start: int = 0, end: int | None = None) -> np.ndarray:
-    """This rank's sample indices for global samples [start, end) of `epoch`, in reading order."""
+def epoch_sequence(n: int, seed: int, epoch: int, repeats: int = 1) -> np.ndarray:
+    """The sample index at each position of the epoch. repeats > 1 (repeated augmentation, DeiT's RASampler /
+    timm's --aug-repeats): each image of the permutation R times in a row, cut to n positions, so the epoch keeps
+    its length and reads about n / R images R times each."""
+    perm = epoch_permutation(n, seed, epoch)
+    return np.repeat(perm, repeats)[:n] if repeats > 1 else perm
+
+
+def train_positions(n: int, rank: int, world_size: int, batch_size: int, start: int = 0, end: int | None = None,
+                    repeats: int = 1) -> np.ndarray:
+    """This rank's positions in the epoch's sequence for global samples [start, end), in reading order. Each
+    micro-batch of world_size x batch_size positions is split between the ranks: in blocks (rank r the r-th),
+    or with repeats > 1 position j to rank j % world_size, so an image's copies (consecutive positions) land
+    on different ranks. Either way a window reads exactly positions [start, end) over the ranks."""
     micro = world_size * batch_size
     end = epoch_end(n, micro) if end is None else end
     if start % 1 or (end - start) % micro or not 0 <= start <= end <= n:
         raise ValueError(f"epoch window [{start}, {end}) of {n} samples is not whole micro-batches of {micro}")
-    window = epoch_permutation(n, seed, epoch)[start:end]
+    window = np.arange(start, end)
+    if repeats > 1:
+        return window.reshape(-1, batch_size, world_size)[:, :, rank].reshape(-1)
     return window.reshape(-1, world_size, batch_size)[:, rank].reshape(-1)
+
+
+def train_shard(n: int, rank: int, world_size: int, batch_size: int, seed: int, epoch: int,
+                start: int = 0, end: int | None = None, repeats: int = 1) -> np.ndarray:
+    """This rank's sample indices for global samples [start, end) of `epoch`, in reading order."""
+    positions = train_positions(n, rank, world_size, batch_size, start, end, repeats)
+    return epoch_sequence(n, seed, epoch, repeats)[positions]
 
 
 def val_shard(n: int, rank: int, world_size: int) -> np.ndarray:

@@ -62,6 +62,27 @@ def test_train_shards_are_disjoint_cover_the_set_and_reshuffle():
     assert sorted(epoch_permutation(n, 0, 3).tolist()) == list(range(n))
 
 
+def test_repeated_augmentation_reads_each_image_r_times_on_different_ranks_across_a_resize():
+    """aug.repeats=3 (DeiT's RASampler): an epoch of 1442 samples read as 480 images x 3 (the epoch length kept);
+    at 2 ranks each image's copies are on both ranks; stopped after 5 steps of 96 and resumed at 3 ranks, the
+    rest of the epoch is read exactly once: still every image exactly 3 times."""
+    from data_pipeline.sharding import resumed_epoch_end, train_shard
+
+    n, seed, epoch = 1442, 0, 4
+    full = {r: train_shard(n, r, 2, 48, seed, epoch, repeats=3) for r in range(2)}
+    counts = Counter(np.concatenate(list(full.values())).tolist())
+    assert len(counts) == 480 and set(counts.values()) == {3}
+    ranks = {i: {r for r in full if i in set(full[r].tolist())} for i in counts}
+    assert all(rs == {0, 1} for rs in ranks.values())  # 3 copies on 2 ranks: both hold some
+    start = 5 * 96
+    end = resumed_epoch_end(n, start, 1440, 96)
+    before = [train_shard(n, r, 2, 48, seed, epoch, 0, start, repeats=3) for r in range(2)]
+    after = [train_shard(n, r, 3, 32, seed, epoch, start, end, repeats=3) for r in range(3)]
+    resumed = Counter(np.concatenate(before + after).tolist())
+    assert resumed == counts
+    assert not np.array_equal(train_shard(n, 0, 2, 48, seed, epoch), full[0])  # repeats=1: the plain permutation
+
+
 def test_val_shards_cover_every_image_once():
     for n, world in [(355, 2), (10, 3), (7, 8)]:
         parts = [val_shard(n, r, world) for r in range(world)]
@@ -138,6 +159,16 @@ def test_folder_crops_are_independent_of_worker_count(jpeg_root):
     assert b.source.loader._iterator._send_idx == 0  # no batch was asked of them
     batches = list(b)
     assert len(batches) == len(a) and all(torch.equal(x, y) for (x, _), (y, _) in zip(a, batches))
+    # aug.repeats: an image's copies in one epoch get crops of their own
+    r, _ = build_loaders(make_cfg(jpeg_root, "folder", **{"data.workers": 0, "aug.repeats": 3}), 0, 1,
+                         torch.device("cpu"))
+    keys = r.source.sampler.order_fn(0, 0, None)
+    n = len(r.source.dataset)
+    first = keys[0] % n
+    copies = [k for k in keys.tolist() if k % n == first]
+    assert len(copies) == 3 and sorted(k // n for k in copies) == [0, 1, 2]
+    crops = [r.source.dataset[(0, k)][0] for k in copies]
+    assert not torch.equal(crops[0], crops[1]) and not torch.equal(crops[1], crops[2])
 
 
 def test_dali_pipeline_build_survives_gc_finalizers_that_parse_code(jpeg_root, tmp_path):

@@ -590,8 +590,8 @@ def test_batch_size_auto_halves_on_out_of_memory_and_keeps_the_global_batch(monk
 @pytest.mark.slow
 def test_minival_is_held_out_of_training_at_any_world_size(tmp_path, digits_root):
     """data.minival_per_class=5: 50 digits train images held out, the same ones at 2 processes and after a resume at
-    1; none is ever in a training batch, and minival/top1 is evaluated beside val. The same run also evaluates a
-    digits-suite tree inside training (eval.suite_root) and fits the evaluation crop at its end."""
+    1; none is ever in a training batch, and minival/top1 is evaluated beside val. The same run (with aug.repeats=3)
+    also evaluates a digits-suite tree inside training (eval.suite_root) and fits the evaluation crop at its end."""
     from mlflow.tracking import MlflowClient
 
     from data_pipeline.folder import scan_split
@@ -605,7 +605,7 @@ def test_minival_is_held_out_of_training_at_any_world_size(tmp_path, digits_root
     for nproc, stop, extra in [(2, 3, []), (1, 6, [f"eval.suite_root={suite_root}", "tracking.enabled=true",
                                                    f"tracking.uri={store}", "tracking.system_metrics=false",
                                                    "tracking.log_model=false"])]:
-        r = digits_run(tmp_path, digits_root, "mv", "data.minival_per_class=5", "train.global_batch=96",
+        r = digits_run(tmp_path, digits_root, "mv", "data.minival_per_class=5", "aug.repeats=3", "train.global_batch=96",
                        "train.batch_size=48", "train.grad_accum=null", f"train.max_steps={stop}", *extra, nproc=nproc,
                        env={"TRAIN_TEST_RECORD_SAMPLES": str(record)})
         assert r.returncode == 0, r.stderr[-3000:]
@@ -624,9 +624,17 @@ def test_minival_is_held_out_of_training_at_any_world_size(tmp_path, digits_root
     samples, _ = scan_split(digits_root, "train")
     _, held = minival_split(samples.labels, 5, 0)
     held_paths = {samples[int(i)][0] for i in held}
-    trained = [line.split()[2] for line in record.read_text().splitlines()]
+    reads = [line.split() for line in record.read_text().splitlines()]
+    trained = [path for _, _, path, _ in reads]
     assert len(held_paths) == 50 and len(trained) == 6 * 96
     assert not held_paths & set(trained)
+    # aug.repeats=3 in the same run: 576 samples = 192 images x 3, across the resize from 2 processes to 1; in the
+    # 2-process leg (288 samples: 96 images) every image's copies are on both ranks
+    assert sorted(set(Counter(trained).values())) == [3] and len(set(trained)) == 192
+    ranks: dict[str, set[str]] = {}
+    for _, _, path, rank in reads[:288]:
+        ranks.setdefault(path, set()).add(rank)
+    assert len(ranks) == 96 and all(r == {"0", "1"} for r in ranks.values())
     assert sorted(Counter(samples.labels[held].tolist()).values()) == [5] * 10  # 5 of each class
     # the evaluation crop fitted on minival at the end: in the log, the checkpoint, its export, and used by evaluate
     fit = re.search(r"\[crop\] minival top1 by crop_pct: (.*); recommended evaluation crop_pct ([\d.]+)", r.stdout)

@@ -71,6 +71,7 @@ class AugConfig:
     reprob: float = knob(0.25, ge=0.0, le=1.0)
     remode: Literal["pixel", "const", "rand"] = "pixel"
     recount: int = knob(1, ge=1)
+    repeats: int = knob(1, ge=1)           # repeated augmentation (DeiT's RASampler, timm's --aug-repeats; DeiT: 3)
 
 
 @dataclass
