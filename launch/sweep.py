@@ -317,6 +317,7 @@ def status(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    print_seed_groups([(t.config, t.overrides, row[4]) for t, row in zip(tasks, rows)])
     if states and all(s in TERMINAL for s in states):
         final = "FINISHED" if all(s == "FINISHED" for s in states) else "FAILED"
         if parent.info.status != final:
@@ -325,6 +326,32 @@ def status(args: argparse.Namespace) -> int:
     elif parent.info.status != "RUNNING":  # a task was requeued or resubmitted after the sweep was closed
         client.update_run(parent.info.run_id, status="RUNNING")
     return 0
+
+
+def seed_groups(results: list[tuple[str, list[str], str]]) -> dict[tuple[str, str], list[float]]:
+    """Best top-1 of the tasks that differ only in train.seed, per grid point (config, the other overrides);
+    only points with more than one seed."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for config, overrides, best in results:
+        rest = " ".join(o for o in overrides if not o.startswith("train.seed="))
+        if best not in ("-", None) and any(o.startswith("train.seed=") for o in overrides):
+            groups.setdefault((config, rest), []).append(float(best))
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def print_seed_groups(results: list[tuple[str, list[str], str]]) -> None:
+    """Seeds are noise, not settings: per grid point the mean, standard deviation and n of the best top-1 over
+    its seeds, so two settings are compared against their spread."""
+    import statistics
+
+    groups = seed_groups(results)
+    if not groups:
+        return
+    print("\nover seeds (best top-1):")
+    width = max(len(f"{c} {rest}") for c, rest in groups)
+    for (config, rest), values in groups.items():
+        sd = statistics.stdev(values)
+        print(f"  {f'{config} {rest}'.ljust(width)}  {statistics.mean(values):.2f} +- {sd:.2f}  (n={len(values)})")
 
 
 def main(argv: list[str] | None = None) -> int:

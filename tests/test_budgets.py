@@ -83,3 +83,36 @@ def test_a_branch_resumes_the_trunk_exactly_and_a_preempted_branch_ends_the_same
         tags = runs[name].data.tags
         assert tags["mlflow.parentRunId"] == runs["trunk"].info.run_id
         assert tags["branch_of"] == str((tmp_path / "trunk").resolve()) and tags["branch_step"] == "15"
+
+
+def test_sweep_status_groups_the_seeds_of_each_grid_point(tmp_path):
+    """A 2 x 3 (lr x seed) sweep's runs in a real MLflow store (as the SLURM array logs them): `sweep.py status`
+    prints each task, then per lr the mean, standard deviation and n of the best top-1 over the seeds."""
+    import statistics
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweeps")
+    parent = client.create_run(exp, run_name="ls", tags={"sweep.role": "parent", "sweep.name": "ls"})
+    client.log_param(parent.info.run_id, "grid.optim.lr", "1e-3,2e-3")
+    client.log_param(parent.info.run_id, "grid.train.seed", "0,1,2")
+    best = {("1e-3", "0"): 90.1, ("1e-3", "1"): 90.5, ("1e-3", "2"): 89.6,
+            ("2e-3", "0"): 91.0, ("2e-3", "1"): 92.2, ("2e-3", "2"): 91.3}
+    for i, ((lr, seed), top1) in enumerate(best.items()):
+        run = client.create_run(exp, run_name=f"ls-cs_mixer_tiny-{i}",
+                                tags={"mlflow.parentRunId": parent.info.run_id, "model": "cs_mixer_tiny"})
+        client.log_param(run.info.run_id, "optim.lr", lr)
+        client.log_param(run.info.run_id, "train.seed", seed)
+        client.log_param(run.info.run_id, "train.epochs", "1")
+        for step, value in ((1, top1 - 3), (2, top1)):
+            client.log_metric(run.info.run_id, "val/top1", value, step=step)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    out = run_script(str(REPO / "launch/sweep.py"), "status", "ls", "--uri", uri, env={"RUN_ROOT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    print(out.stdout)
+    groups = dict(re.findall(r"optim\.lr=(\S+)\s+([\d.]+ \+- [\d.]+)\s+\(n=3\)", out.stdout))
+    for lr in ("1e-3", "2e-3"):
+        values = [v for (point_lr, _), v in best.items() if point_lr == lr]
+        assert groups[lr] == f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
