@@ -22,9 +22,11 @@ def losses(stdout: str) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_a_branch_resumes_the_trunk_exactly_and_a_preempted_branch_ends_the_same(tmp_path, digits_root):
-    """A 3-epoch wsd trunk (15 steps an epoch); two branches at epoch 1 with a 1-epoch cooldown. Branch A runs
-    through; branch B is stopped by SIGUSR1 mid-cooldown and run again. Both end with the same weights; the lr
-    falls from the peak to min_lr over steps 16-30; the MLflow runs nest under the trunk's."""
+    """A 3-epoch wsd trunk (15 steps an epoch); two branches at epoch 1 with a 1-epoch cooldown, both distilling
+    from the trunk's exported final weights. Branch A runs through; branch B is stopped by SIGUSR1 mid-cooldown
+    and run again. Both end with the same weights and losses; the lr falls from the peak to min_lr over steps
+    16-30; the MLflow runs nest under the trunk's; the distillation's plan line and loss terms are there, the
+    checkpoints hold the student only, and a teacher of another class count fails at start."""
     from mlflow.tracking import MlflowClient
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
@@ -40,9 +42,13 @@ def test_a_branch_resumes_the_trunk_exactly_and_a_preempted_branch_ends_the_same
     missing = run_script(BRANCH, str(tmp_path / "trunk"), "--at", "step_7", "--cooldown-epochs", "1")
     assert missing.returncode == 2 and "no complete checkpoint at step_7" in missing.stderr and "step_15" in missing.stderr
 
+    # the branches distil from a teacher: the trunk's final weights, exported (the same 10 classes)
+    teacher = tmp_path / "teacher.safetensors"
+    assert run_script(str(REPO / "launch/export.py"), str(tmp_path / "trunk"), "--out", str(teacher)).returncode == 0
+
     def branch(name: str) -> str:
         made = run_script(BRANCH, str(tmp_path / "trunk"), "--at", "epoch_1", "--cooldown-epochs", "1",
-                          "--name", name)
+                          "--name", name, f"distill.teacher={teacher}", "distill.alpha=0.5", "distill.tau=2")
         assert made.returncode == 0, made.stderr[-2000:]
         assert "decay over 1 epochs (15 steps, 1-sqrt) to step 30" in made.stdout
         return str(tmp_path / name / "branch.yaml")
@@ -50,6 +56,9 @@ def test_a_branch_resumes_the_trunk_exactly_and_a_preempted_branch_ends_the_same
     a = run_script(TRAIN, "--config", branch("A"), cwd=tmp_path)
     assert a.returncode == 0, a.stderr[-3000:]
     assert f"[resume] {tmp_path}/A/checkpoints/step_00000015" in a.stdout
+    assert re.search(r"\[plan\] distillation \(soft, alpha 0.5, tau 2.0\): teacher cs_mixer_tiny from \S+ "
+                     r"\(safetensors\), [\d.]+ GMACs per image", a.stdout), a.stdout[:3000]
+    assert len(re.findall(r"loss terms: base [\d.]+ distill [\d.]+", a.stdout)) == 15
     lrs = {int(s): float(v) for s, v in re.findall(r"step (\d+)/30 loss [\d.]+ lr ([\d.e+-]+)", a.stdout)}
     assert sorted(lrs) == list(range(16, 31)) and lrs[30] == pytest.approx(1e-5, rel=1e-3)  # min_lr at the end
     assert all(lrs[s] > lrs[s + 1] for s in range(16, 30))
@@ -79,6 +88,17 @@ def test_a_branch_resumes_the_trunk_exactly_and_a_preempted_branch_ends_the_same
     runs = {r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
     assert set(runs) == {"trunk", "A", "B"}  # each branch its own run; the trunk's run got nothing from them
     assert max(m.step for m in client.get_metric_history(runs["trunk"].info.run_id, "train/loss")) == 45
+    assert {"train/loss_base", "train/loss_distill"} <= set(runs["A"].data.metrics)
+    state = torch.load(tmp_path / "A/checkpoints/step_00000030/mp_rank_00_model_states.pt", weights_only=False)
+    assert set(state["module"]) == set(wa)  # the student only: no teacher weights in the checkpoint
+    from models import create_model
+    from models.exported import save_exported
+    other = tmp_path / "teacher3.safetensors"
+    save_exported(other, "cs_mixer_tiny", create_model("cs_mixer_tiny", num_classes=3).state_dict(),
+                  {"num_classes": 3, "img_size": 32})
+    wrong = run_script(TRAIN, "--config", "cs_mixer_tiny", *common, "train.run_name=w", "train.max_steps=1",
+                       f"distill.teacher={other}", cwd=tmp_path)
+    assert wrong.returncode == 2 and "has 3 classes but model.num_classes=10" in wrong.stderr, wrong.stderr[-2000:]
     for name in ("A", "B"):
         tags = runs[name].data.tags
         assert tags["mlflow.parentRunId"] == runs["trunk"].info.run_id

@@ -48,6 +48,31 @@ def init_from(model: nn.Module, path: str, log) -> None:
     log(line)
 
 
+def build_teacher(cfg, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """distill.teacher: the model its file names, with those weights, in eval mode without gradients, on the
+    training device in the run's precision; a teacher of another class count is an error at start."""
+    from models import count_gmacs, create_model
+
+    from .checkpoint import CheckpointError, init_weights
+    from .config import ConfigError
+
+    path = Path(cfg.distill.teacher)
+    try:
+        state, name, how = init_weights(path)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"distill.teacher={path}: {e}") from None
+    classes = state["head.weight"].shape[0] if "head.weight" in state else None
+    if classes != cfg.model.num_classes:
+        raise ConfigError(f"distill.teacher={path} ({name}) has {classes} classes but model.num_classes="
+                          f"{cfg.model.num_classes}: a teacher must predict the student's classes")
+    teacher = create_model(name, num_classes=classes, img_size=cfg.model.img_size)
+    teacher.load_state_dict(state)
+    gmacs = count_gmacs(teacher, cfg.model.img_size)
+    teacher = teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return teacher, (f"[plan] distillation ({cfg.distill.type}, alpha {cfg.distill.alpha}, tau {cfg.distill.tau}): "
+                     f"teacher {name} from {path} ({how}), {gmacs:.3g} GMACs per image on top of the student's")
+
+
 def _clip_without_host_sync() -> None:
     """DeepSpeed's ZeRO-1/2 gradient clipping asks `if is_invalid_grad_norm(norm)` per parameter group:
     a host-device sync every step. The same clip, computed on the device: a non-finite or negative norm

@@ -165,6 +165,14 @@ class TrackingConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str | None = None         # an exported .safetensors or a run/checkpoint dir (its model named there)
+    type: Literal["soft", "hard"] = "soft"  # DeiT's: KL at temperature tau, or cross-entropy on the teacher's top-1
+    alpha: float = knob(0.5, ge=0.0, le=1.0)  # weight of the distillation term (1 - alpha: the label loss)
+    tau: float = knob(1.0, gt=0.0)     # soft: the temperature
+
+
+@dataclass
 class EvalConfig:
     suite_root: str | None = None      # a benchmark folder (evaluate.py --suite's layouts): evaluated at the end
     suite_every_epochs: int = knob(0, ge=0)  # and every N epochs (0: only at the end); suite/<benchmark>/<metric>
@@ -182,6 +190,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -34,6 +34,7 @@ from .build import (
     build_engine,
     build_loss,
     build_model,
+    build_teacher,
     compile_decision,
     compile_report,
     grad_norm_on_demand,
@@ -53,6 +54,7 @@ from .config import ConfigError, RunConfig, plan_run
 from .distributed import init_distributed
 from .ema import ModelEma
 from .evaluate import evaluate
+from .losses import DistillationLoss
 from .mfu import mfu_pct, peak_tflops, train_flops_per_image
 from .preflight import node_name, preflight
 from .state import RunState
@@ -247,8 +249,16 @@ class WindowMeter:
         step_ms, data_pct = 1000 * dt / self.steps, 100 * min(1.0, self.data_s / dt)
         t.log(f"epoch {state.epoch} step {state.step}/{t.total_steps} loss {loss:.4f} lr {lr:.3g} "
               f"grad_norm {grad_norm:.3f} {ips:.0f} img/s {step_ms:.0f} ms/step data {data_pct:.0f}% MFU {mfu:.1f}%")
+        terms = {}
+        if t.distiller is not None and t.distiller.terms is not None:  # at log windows only: one more all-reduce
+            sums = t.distiller.terms.clone()
+            dist.all_reduce(sums)
+            base, distill = (sums / t.env.world_size / self.micro).tolist()
+            terms = {"train/loss_base": base, "train/loss_distill": distill}
+            t.distiller.terms = None
+            t.log(f"  loss terms: base {base:.4f} distill {distill:.4f}")
         if t.tracker:
-            t.tracker.log_metrics({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+            t.tracker.log_metrics({**terms, "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                    "train/images_per_sec": ips, "train/epoch": state.epoch, "train/mfu": mfu,
                                    "train/step_ms": step_ms, "train/data_wait_pct": data_pct,
                                    "train/skipped_steps": t.engine.skipped_steps,
@@ -499,6 +509,14 @@ class Trainer:
             if cfg.train.model_ema else None
         self.state = RunState(epoch_end=self.epoch_end)
         self.loss_fn = build_loss(self.state)
+        self.distiller = None
+        if cfg.distill.teacher:  # built before any thread starts, like everything that can fail at start
+            teacher, teacher_line = build_teacher(cfg, env.device, self.dtype)
+            autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) \
+                if self.bf16_compute and self.dtype == torch.float32 else contextlib.nullcontext
+            self.distiller = DistillationLoss(self.loss_fn, teacher, cfg.distill.type, cfg.distill.alpha,
+                                              cfg.distill.tau, autocast)
+            self.log(teacher_line)
         if resume:
             self.restore(*resume)
             self.state.restarts += 1
@@ -628,7 +646,9 @@ class Trainer:
         engine.train()
         while not self.finished:
             for images, targets, step_done in self.batches():
-                loss = self.loss_fn(engine(images.to(self.dtype)), targets)
+                inputs = images.to(self.dtype)
+                loss = self.loss_fn(engine(inputs), targets) if self.distiller is None else \
+                    self.distiller(engine(inputs), targets, inputs)
                 self.meter.forward_done()
                 engine.backward(loss)
                 if step_done and self.norm_on_demand:  # only the steps that log it compute the gradient norm
