@@ -3,9 +3,10 @@
     python launch/compare.py RUN [RUN ...] [--uri sqlite:///runs/mlflow.db] [--out compare.png] [--log-to RUN]
 
 RUN is a run id or a run name, or a sweep (launch/sweep.py: its name or parent run id), which stands for
-all its runs and, without --log-to, receives the PNG. The legend names each run with the parameters that differ between
-the runs (the sweep's knobs). --log-to logs the PNG to that run (a sweep's parent, say) under
-artifacts/compare/. Prints each run's best and last val top-1.
+all its runs and, without --log-to, receives the PNG. Runs that differ only in train.seed are drawn as one
+curve, their mean, with a band of one standard deviation (and printed as mean +- sd). The legend names each
+run with the parameters that differ between the runs (the sweep's knobs). --log-to logs the PNG to that run
+(a sweep's parent, say) under artifacts/compare/. Prints each run's best and last val top-1.
 """
 from __future__ import annotations
 
@@ -40,6 +41,37 @@ def expand_sweep(client, run) -> list:
     return sorted(children, key=lambda r: r.info.run_name)
 
 
+def seed_groups(runs: list, differ: list[str]) -> dict[str, list]:
+    """Runs that differ only in train.seed, by the values of the other differing parameters (groups of 2+)."""
+    if "train.seed" not in differ:
+        return {}
+    others = [k for k in differ if k != "train.seed"]
+    groups: dict[str, list] = {}
+    for run in runs:
+        label = " ".join(f"{k.split('.')[-1]}={run.data.params.get(k, '-')}" for k in others[:3]) or "seeds"
+        groups.setdefault(label, []).append(run)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def draw_seed_band(client, ax, label: str, members: list) -> None:
+    """Mean val top-1 by epoch over the seeds, the band at +- one standard deviation; printed as mean +- sd (n)."""
+    import statistics
+
+    curves = [dict((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val/top1_by_epoch"))
+              for r in members]
+    epochs = sorted(set.intersection(*(set(c) for c in curves)))
+    if not epochs:
+        return
+    mean = [statistics.mean(c[e] for c in curves) for e in epochs]
+    sd = [statistics.stdev(c[e] for c in curves) for e in epochs]
+    line, = ax.plot(epochs, mean, marker="o", label=f"{label} (mean of {len(members)} seeds)")
+    ax.fill_between(epochs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                    color=line.get_color(), alpha=0.2)
+    best = [max(c.values()) for c in curves]
+    print(f"{label:<28}{statistics.mean(best):>11.2f} +- {statistics.stdev(best):.2f} best top-1 over "
+          f"{len(members)} seeds")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN")
@@ -68,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     differ = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1
               and not k.startswith(("train.run_name", "train.output_dir", "tracking.", "checkpoint."))]
     fig, (top1_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    seeded = seed_groups(runs, differ)
+    if seeded:  # runs that differ only in train.seed: one curve, the mean over the seeds, with a band
+        differ = [k for k in differ if k != "train.seed"]
+        for label, members in seeded.items():
+            draw_seed_band(client, top1_ax, label, members)
+        runs = [r for r in runs if not any(r in m for m in seeded.values())]
     print(f"{'run':<28}{'best top-1':>11}{'last top-1':>11}  {'  '.join(differ[:3])}")
     for run in runs:
         rid, name = run.info.run_id, run.info.run_name

@@ -128,6 +128,7 @@ def test_sweep_status_groups_the_seeds_of_each_grid_point(tmp_path):
         client.log_param(run.info.run_id, "train.epochs", "1")
         for step, value in ((1, top1 - 3), (2, top1)):
             client.log_metric(run.info.run_id, "val/top1", value, step=step)
+            client.log_metric(run.info.run_id, "val/top1_by_epoch", value, step=step)
         client.set_terminated(run.info.run_id, "FINISHED")
     out = run_script(str(REPO / "launch/sweep.py"), "status", "ls", "--uri", uri, env={"RUN_ROOT": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -136,3 +137,11 @@ def test_sweep_status_groups_the_seeds_of_each_grid_point(tmp_path):
     for lr in ("1e-3", "2e-3"):
         values = [v for (point_lr, _), v in best.items() if point_lr == lr]
         assert groups[lr] == f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+    # compare.py: one curve per lr, the mean over its seeds with a band, and mean +- sd printed
+    png = tmp_path / "ls.png"
+    drawn = run_script(str(REPO / "launch/compare.py"), "ls", "--uri", uri, "--out", str(png))
+    assert drawn.returncode == 0 and png.stat().st_size > 10_000, drawn.stderr[-2000:]
+    for lr in ("1e-3", "2e-3"):
+        values = [v for (point_lr, _), v in best.items() if point_lr == lr]
+        assert f"lr={lr}" in drawn.stdout and \
+            f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} best top-1 over 3 seeds" in drawn.stdout

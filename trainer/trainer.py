@@ -550,6 +550,7 @@ class Trainer:
             # hung early): the run directory's MLflow run continues, no second run
             self.state.tracking_run_id = run_id_of(self.run_dir)
         self.tracker: Tracker | None = None
+        new_run = self.state.tracking_run_id is None  # a new MLflow run: a fresh start, or a branch's first start
         if env.is_main and cfg.tracking.enabled:
             self.tracker = start_run_tracking(cfg, self.run_dir, env.world_size, self.state.tracking_run_id,
                                               self.state.restarts, self.state.step, self.log)
@@ -559,7 +560,7 @@ class Trainer:
         excluded = self.run_dir / "exclude_nodes"
         if self.tracker and excluded.is_file():  # an earlier attempt of this job excluded them (preflight)
             self.tracker.set_tags({"preflight_excluded_nodes": excluded.read_text().strip()})
-        if self.tracker and self.state.step == 0:
+        if self.tracker and new_run:
             self.tracker.set_tags({"recipe": self.recipe, "steps_per_epoch": self.steps_per_epoch})
             self.tracker.log_dataset(*dataset_input(cfg, self.train_loader, self.val_loader))
         self.report_bad_files()
