@@ -189,7 +189,7 @@ def test_print_config_prints_the_resolved_recipe():
     assert cfg["train"]["epochs"] == 300 and cfg["schedule"]["warmup_epochs"] == 20
     assert cfg["optim"]["weight_decay"] == 0.05 and cfg["model"]["name"] == "cs_mixer_l"
     assert set(cfg) == {"model", "data", "aug", "optim", "schedule", "train", "deepspeed", "checkpoint", "tracking",
-                        "eval"}
+                        "eval", "distill"}
 
 
 def test_print_config_with_override_and_config_name():
