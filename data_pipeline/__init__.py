@@ -244,13 +244,16 @@ def build_loaders(cfg, rank: int, world_size: int, device: torch.device | None =
 CROP_CANDIDATES = (0.875, 0.9, 0.95, 1.0)
 
 
-def minival_loader(cfg, rank: int, world_size: int, device: torch.device, crop_pct: float) -> Loader:
+def minival_loader(cfg, rank: int, world_size: int, device: torch.device, crop_pct: float,
+                   fork: bool = True) -> Loader:
     """The minival images (data.minival_per_class of train/) read with val's transform at `crop_pct`: the crop fit
-    at the end of training and evaluate.py --fit-crop."""
+    at the end of training and evaluate.py --fit-crop. fork=False: the folder backend decodes in this process (the
+    trainer's threads are running by then, and a fork beside them can hang the child)."""
     d, bs, seed, size = cfg.data, cfg.train.batch_size, cfg.train.seed, cfg.model.img_size
     if not d.minival_per_class or not d.root:
         raise DataError("fitting the evaluation crop needs minival: data.root and data.minival_per_class > 0")
-    common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=d.workers, seed=seed, img_size=size,
+    workers = d.workers if fork or d.backend != "folder" else 0  # DALI and FFCV use threads, not processes
+    common = dict(rank=rank, world_size=world_size, batch_size=bs, workers=workers, seed=seed, img_size=size,
                   interpolation=d.interpolation)
     info = model_info(cfg.model.name)
     if d.backend == "ffcv":

@@ -370,7 +370,7 @@ class Evaluator:
         autocast = torch.autocast(t.env.device.type, dtype=torch.bfloat16) if t.bf16_compute and t.ema is not None \
             else contextlib.nullcontext()
         for crop in CROP_CANDIDATES:
-            loader = minival_loader(t.cfg, t.env.rank, t.env.world_size, t.env.device, crop)
+            loader = minival_loader(t.cfg, t.env.rank, t.env.world_size, t.env.device, crop, fork=False)
             with autocast:
                 scores[str(crop)] = evaluate(model, loader, t.env.device, torch.float32 if t.ema else t.dtype)[0]
         usual = t.cfg.data.crop_pct or model_info(t.cfg.model.name).crop_pct  # ties: the crop it would use anyway
