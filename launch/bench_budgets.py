@@ -1,9 +1,11 @@
 """One run, many budgets, measured: cosine runs of E/3, 2E/3 and E epochs against one warmup-stable-decay trunk of
 E epochs with cooldown branches ending at E/3 and 2E/3 (launch/branch.py), over several seeds; optionally
-aug.repeats against the plain recipe. Prints the table (val top-1 mean +- sd, n) and writes it as JSON.
+aug.repeats and distillation from a larger teacher against the plain recipe. Prints the table (val top-1
+mean +- sd, n) and writes it as JSON.
 
     python launch/bench_budgets.py --config cs_mixer_tiny --epochs 30 --cooldown 3 --seeds 0,1,2 \\
         --repeats 3 --out benchmarks/budgets_digits.json
+    python launch/bench_budgets.py --epochs 15 --parts distill --teacher cs_mixer_mini --out benchmarks/budgets_digits.json
 
 Each run is `torchrun --nproc_per_node N launch/train.py` (the config's data, here the digits set) in
 --runs-dir; val top-1 is the run's last line (val_top1=...), its optimizer steps from its last checkpoint.
@@ -62,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cooldown", type=int, default=3, help="the branches' and the trunk's decay, in epochs")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--repeats", type=int, default=0, help="also aug.repeats=R at E epochs against the plain runs")
+    p.add_argument("--teacher", help="also distillation at E epochs from this (larger) model, trained here first for "
+                                     "E epochs on the same data, against the plain runs")
+    p.add_argument("--distill", nargs="*", default=["distill.type=soft", "distill.alpha=0.5", "distill.tau=1"],
+                   metavar="KEY=VALUE", help="the students' distill.* settings")
+    p.add_argument("--parts", default="budgets,repeats,distill",
+                   help="what to run; without budgets, the plain E-epoch runs come from --out's earlier table")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--runs-dir", type=Path, default=Path("runs/budgets"))
     p.add_argument("--out", type=Path, help="write the table as JSON")
@@ -71,11 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [e // 3, 2 * e // 3, e]
     if e % 3 or c >= e // 3:
         p.error("--epochs must be divisible by 3 and --cooldown shorter than a third of it")
+    parts = set(args.parts.split(","))
+    earlier = json.loads(args.out.read_text()) if args.out and args.out.is_file() else {}
+    if "budgets" not in parts:
+        if not earlier.get("budgets"):
+            p.error(f"--parts without budgets needs the plain runs in an earlier --out table ({args.out})")
+        budgets = []  # nothing of the budget table runs; its plain E-epoch values are reused
     cosine = {b: [] for b in budgets}
     wsd = {b: [] for b in budgets}
     steps = {"cosine": 0, "wsd": 0}
     repeated = []
-    for seed in seeds:
+    for seed in seeds if budgets else []:
         print(f"seed {seed}", flush=True)
         for b in budgets:
             top1, n = train(args, f"cos{b}-s{seed}", f"train.epochs={b}", f"train.seed={seed}")
@@ -98,12 +112,40 @@ def main(argv: list[str] | None = None) -> int:
             wsd[b].append(top1)
             spe = n // b
             steps["wsd"] += c * spe if seed == seeds[0] else 0
-        if args.repeats:
-            repeated.append(train(args, f"rep{args.repeats}-{e}-s{seed}", f"train.epochs={e}", f"train.seed={seed}",
-                                  f"aug.repeats={args.repeats}")[0])
-    table = {"config": args.config, "epochs": e, "cooldown_epochs": c, "seeds": seeds, "nproc": args.nproc,
-             "budgets": {str(b): {"cosine": spread(cosine[b]), "wsd": spread(wsd[b])} for b in budgets},
-             "optimizer_steps_per_seed": steps, "wsd_share_of_cosine_steps": round(steps["wsd"] / steps["cosine"], 3)}
+    for seed in seeds if args.repeats and "repeats" in parts else []:
+        repeated.append(train(args, f"rep{args.repeats}-{e}-s{seed}", f"train.epochs={e}", f"train.seed={seed}",
+                              f"aug.repeats={args.repeats}")[0])
+    distilled, teacher_top1 = [], None
+    if args.teacher and "distill" in parts:
+        teacher_top1, _ = train(args, f"teacher-{args.teacher}-{e}", f"model.name={args.teacher}", f"train.epochs={e}")
+        exported = args.runs_dir / f"teacher-{args.teacher}-{e}.safetensors"
+        made = subprocess.run([sys.executable, str(REPO / "launch/export.py"), str(args.runs_dir / f"teacher-{args.teacher}-{e}"),
+                               "--out", str(exported)], cwd=REPO, capture_output=True, text=True)
+        if made.returncode:
+            sys.exit(made.stderr)
+        for seed in seeds:
+            distilled.append(train(args, f"distill-{args.teacher}-{e}-s{seed}", f"train.epochs={e}", f"train.seed={seed}",
+                                   f"distill.teacher={exported}", *args.distill)[0])
+    if not budgets:
+        plain = earlier["budgets"][str(e)]["cosine"]
+        print(f"plain {e}-epoch runs from {args.out}: {plain['mean']:.2f} +- {plain['sd']:.2f} (n={plain['n']})")
+        table = {**earlier}
+        cosine[e] = plain["values"]
+    else:
+        table = {"config": args.config, "epochs": e, "cooldown_epochs": c, "seeds": seeds, "nproc": args.nproc,
+                 "budgets": {str(b): {"cosine": spread(cosine[b]), "wsd": spread(wsd[b])} for b in budgets},
+                 "optimizer_steps_per_seed": steps,
+                 "wsd_share_of_cosine_steps": round(steps["wsd"] / steps["cosine"], 3)}
+    if distilled:
+        table["distillation"] = {"teacher": args.teacher, "teacher_top1": teacher_top1, "settings": args.distill,
+                                 "plain": spread(cosine[e]), "distilled": spread(distilled)}
+        print(f"distillation from {args.teacher} ({teacher_top1:.2f} top-1, {e} epochs) at {e} epochs: "
+              f"{spread(distilled)['mean']:.2f} +- {spread(distilled)['sd']:.2f} vs plain "
+              f"{spread(cosine[e])['mean']:.2f} +- {spread(cosine[e])['sd']:.2f}")
+    if not budgets:
+        if args.out:
+            args.out.write_text(json.dumps(table, indent=1))
+        return 0
     print(f"\n{args.config}, {len(seeds)} seeds, val top-1 mean +- sd:")
     print(f"{'epochs':>7} {'cosine (its own run)':>22} {'wsd (trunk / branch)':>22}")
     for b in budgets:
@@ -111,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{b:>7} {co['mean']:>14.2f} +- {co['sd']:<5.2f} {ws['mean']:>14.2f} +- {ws['sd']:<5.2f}")
     print(f"optimizer steps per seed: cosine {steps['cosine']}, wsd trunk + branches {steps['wsd']} "
           f"({100 * table['wsd_share_of_cosine_steps']:.0f} %)")
-    if args.repeats:
+    if repeated:
         plain, rep = spread(cosine[e]), spread(repeated)
         table["repeats"] = {"plain": plain, f"aug.repeats={args.repeats}": rep}
         print(f"aug.repeats={args.repeats} at {e} epochs: {rep['mean']:.2f} +- {rep['sd']:.2f} vs plain "

@@ -5,7 +5,8 @@
 # requeues the job, once, from the batch shell; the requeued job resumes its run. See slurm/README.md.
 #
 # Environment: RUN_ROOT (runs), RUN_NAME (<config>-<job id>), SWEEP_TASKS (launch/sweep.py: the directory of
-# the array tasks' override files), PYTHON (.venv/bin/python, relative to the
+# the array tasks' override files), CONFIG_FILE (a run's own config in place of configs/CONFIG.yaml:
+# launch/branch.py --submit gives the branch's branch.yaml), PYTHON (.venv/bin/python, relative to the
 # repository), MAX_REQUEUES (20), DRY_RUN=1 (print the plan and the srun command, start nothing);
 # MLFLOW_TRACKING_URI and everything else of the submitting shell reach the ranks (sbatch exports it).
 #
@@ -89,7 +90,7 @@ for arg in "$@"; do  # an explicit override wins, as it does in the trainer
 done
 [[ $RUN_ROOT == /* ]] || RUN_ROOT="$REPO/$RUN_ROOT"
 RUN_DIR="$RUN_ROOT/$RUN_NAME"
-RESUME_HINT="to resume: RUN_NAME=$RUN_NAME sbatch slurm/$CONFIG.sbatch $*"
+RESUME_HINT="to resume: ${CONFIG_FILE:+CONFIG_FILE=$CONFIG_FILE }RUN_NAME=$RUN_NAME sbatch slurm/$CONFIG.sbatch $*"
 
 # Rendezvous: rank 0 runs on the allocation's first node. Its NodeAddr, not its name: node names need
 # not resolve (they do not on the local test cluster). The port derives from the job id, so two jobs
@@ -116,7 +117,11 @@ if [[ -z "${TORCH_EXTENSIONS_DIR:-}" && -f "$PY_PREFIX/pyvenv.cfg" ]]; then
   export TORCH_EXTENSIONS_DIR="$PY_PREFIX/torch_extensions"
 fi
 
-ARGS=(launch/train.py --config "$CONFIG" "train.output_dir=$RUN_ROOT" "train.run_name=$RUN_NAME" "$@")
+if [[ -n "${CONFIG_FILE:-}" && ! -f "$CONFIG_FILE" ]]; then
+  echo "error: CONFIG_FILE=$CONFIG_FILE is not a file" >&2
+  exit 2
+fi
+ARGS=(launch/train.py --config "${CONFIG_FILE:-$CONFIG}" "train.output_dir=$RUN_ROOT" "train.run_name=$RUN_NAME" "$@")
 # SLURM 22.05's srun no longer takes --cpus-per-task from the job's environment: pass it on. Every task
 # sees all GPUs of its node and picks cuda:SLURM_LOCALID itself (trainer/distributed.py), so no GPU
 # binding here: with one GPU per task visible, every local rank but 0 would name a missing device.

@@ -141,7 +141,7 @@ def test_suite_layouts_table_json_and_csv(suite, tmp_path):
     root, weights = suite
     store = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(store)
-    run_id = client.create_run(client.create_experiment("suite")).info.run_id
+    run_id = client.create_run(client.create_experiment("suite", str(tmp_path / "artifacts"))).info.run_id
     out = run_script("launch/evaluate.py", str(weights), "--config", "s2mlpv2_tiny", "--suite", str(root),
                      "--json", str(tmp_path / "suite.json"), "--results-csv", str(tmp_path / "suite.csv"),
                      "--plots", str(tmp_path / "plots"), "--log-to", run_id, f"tracking.uri={store}",

@@ -96,16 +96,18 @@ def test_a_branch_resumes_the_trunk_exactly_and_a_preempted_branch_ends_the_same
     other = tmp_path / "teacher3.safetensors"
     save_exported(other, "cs_mixer_tiny", create_model("cs_mixer_tiny", num_classes=3).state_dict(),
                   {"num_classes": 3, "img_size": 32})
-    wrong = run_script(TRAIN, "--config", "cs_mixer_tiny", *common, "train.run_name=w", "train.max_steps=1",
-                       f"distill.teacher={other}", cwd=tmp_path)
-    assert wrong.returncode == 2 and "has 3 classes but model.num_classes=10" in wrong.stderr, wrong.stderr[-2000:]
+    from trainer.build import build_teacher  # what train() builds first; its ConfigError is train.py's exit 2
+    from trainer.config import ConfigError, find_config, load_config
+    with pytest.raises(ConfigError, match="has 3 classes but model.num_classes=10"):
+        build_teacher(load_config(find_config("cs_mixer_tiny"), [f"distill.teacher={other}"]), torch.device("cpu"),
+                      torch.float32)
     for name in ("A", "B"):
         tags = runs[name].data.tags
         assert tags["mlflow.parentRunId"] == runs["trunk"].info.run_id
         assert tags["branch_of"] == str((tmp_path / "trunk").resolve()) and tags["branch_step"] == "15"
 
 
-def test_sweep_status_groups_the_seeds_of_each_grid_point(tmp_path):
+def test_sweep_status_groups_the_seeds_of_each_grid_point_and_off_track_uses_their_spread(tmp_path):
     """A 2 x 3 (lr x seed) sweep's runs in a real MLflow store (as the SLURM array logs them): `sweep.py status`
     prints each task, then per lr the mean, standard deviation and n of the best top-1 over the seeds."""
     import statistics
@@ -114,15 +116,15 @@ def test_sweep_status_groups_the_seeds_of_each_grid_point(tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment("sweeps")
+    exp = client.create_experiment("sweeps", str(tmp_path / "artifacts"))  # not ./mlruns in the cwd
     parent = client.create_run(exp, run_name="ls", tags={"sweep.role": "parent", "sweep.name": "ls"})
     client.log_param(parent.info.run_id, "grid.optim.lr", "1e-3,2e-3")
     client.log_param(parent.info.run_id, "grid.train.seed", "0,1,2")
     best = {("1e-3", "0"): 90.1, ("1e-3", "1"): 90.5, ("1e-3", "2"): 89.6,
             ("2e-3", "0"): 91.0, ("2e-3", "1"): 92.2, ("2e-3", "2"): 91.3}
     for i, ((lr, seed), top1) in enumerate(best.items()):
-        run = client.create_run(exp, run_name=f"ls-cs_mixer_tiny-{i}",
-                                tags={"mlflow.parentRunId": parent.info.run_id, "model": "cs_mixer_tiny"})
+        run = client.create_run(exp, run_name=f"ls-cs_mixer_tiny-{i}", tags={
+            "mlflow.parentRunId": parent.info.run_id, "model": "cs_mixer_tiny", "recipe": "r"})
         client.log_param(run.info.run_id, "optim.lr", lr)
         client.log_param(run.info.run_id, "train.seed", seed)
         client.log_param(run.info.run_id, "train.epochs", "1")
@@ -137,6 +139,22 @@ def test_sweep_status_groups_the_seeds_of_each_grid_point(tmp_path):
     for lr in ("1e-3", "2e-3"):
         values = [v for (point_lr, _), v in best.items() if point_lr == lr]
         assert groups[lr] == f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+    # the off-track check: the best setting at epoch 2 is lr 2e-3, 91.50 +- 0.62 over 3 seeds; a run is off-track
+    # 3 sd below that mean (89.63), though far less than tracking.off_track_points (5) behind it
+    from trainer.trainer import Reference, earlier_settings, off_track_verdict
+
+    ref = earlier_settings(uri, "sweeps", "r", "none", print)[2]
+    assert ref.mean == pytest.approx(91.5) and ref.sd == pytest.approx(statistics.stdev([91.0, 92.2, 91.3]))
+    assert sorted(ref.runs) == ["ls-cs_mixer_tiny-3", "ls-cs_mixer_tiny-4", "ls-cs_mixer_tiny-5"]
+    assert off_track_verdict(ref, 90.0, 5.0, 3.0)[0] is None  # 1.5 points, 2.4 sd: within the seeds' noise
+    verdict, metrics = off_track_verdict(ref, 89.0, 5.0, 3.0)
+    assert verdict.startswith("val top-1 89.00 is 2.5 points, 4.0 sd, below 91.50 +- 0.62, the mean of 3 seeds")
+    assert metrics == pytest.approx({"val/off_track_points": 2.5, "val/off_track_sd": 2.5 / ref.sd})
+    single = earlier_settings(uri, "sweeps", "r", run.info.run_id, print)[2]  # lr 2e-3 seed 2 is this run
+    assert sorted(single.runs) == ["ls-cs_mixer_tiny-3", "ls-cs_mixer_tiny-4"]  # still two seeds: still the spread
+    one = Reference(91.5, None, ["ls-cs_mixer_tiny-3"])  # one earlier run: no spread, the points rule
+    assert off_track_verdict(one, 89.0, 5.0, 3.0)[0] is None
+    assert off_track_verdict(one, 86.0, 5.0, 3.0)[0].startswith("val top-1 86.00 is 5.5 points behind 91.50 of run")
     # compare.py: one curve per lr, the mean over its seeds with a band, and mean +- sd printed
     png = tmp_path / "ls.png"
     drawn = run_script(str(REPO / "launch/compare.py"), "ls", "--uri", uri, "--out", str(png))

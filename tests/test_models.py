@@ -24,7 +24,7 @@ SPEC = {
 
 
 def test_registry_lists_every_variant():
-    assert models.list_models() == sorted([*SPEC, "cs_mixer_tiny", "s2mlpv2_tiny"])
+    assert models.list_models() == sorted([*SPEC, "cs_mixer_tiny", "cs_mixer_mini", "s2mlpv2_tiny"])
 
 
 def test_models_json_matches_spec_counts():

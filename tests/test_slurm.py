@@ -196,20 +196,29 @@ def test_two_jobs_at_once_do_not_collide(cluster, tiny_jobs):
 
 
 # ------------------------------------------------------------------ b: preemption, requeue, exact resume
-def test_preempted_job_requeues_and_resumes_exactly(cluster, digits_root):
-    """SIGUSR2 to the batch shell (what `--signal=B:USR2@T` does): checkpoint, exit 85, requeue, resume; the
-    final weights equal those of an uninterrupted run (fp32, same seed, same world size)."""
+@pytest.fixture(scope="module")
+def wsd_jobs(cluster, digits_root):
+    """Two 2-epoch warmup-stable-decay runs of cs_mixer_tiny on 2 nodes (fp32; the decay is epoch 2, checkpoints
+    every 5 steps kept): "reference" runs through, "preempted" gets SIGUSR2 at step 3. The reference is also
+    the trunk that test_branches_... branches off."""
     common = (f"data.root={digits_root}", "train.epochs=2", "train.log_every=1", "deepspeed.bf16=false",
-              f"tracking.uri=sqlite:///{cluster.root}/preempt.db")
+              f"tracking.uri=sqlite:///{cluster.root}/preempt.db", "schedule.sched=wsd", "schedule.cooldown_epochs=1",
+              "schedule.warmup_epochs=0.25",
+              "checkpoint.every_steps=5", "checkpoint.keep_last=8")
     ref = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="reference")
     cut = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="preempted")
     wait_for_line(cluster.runs / "preempted/logs/rank0.log", r"step 3/22 ")
     cluster.signal_batch_shell(cut, "USR2")
+    return ref, cut, cluster.wait(cut), cluster.wait(ref)
 
-    info = cluster.wait(cut)
+
+def test_preempted_job_requeues_and_resumes_exactly(cluster, wsd_jobs):
+    """SIGUSR2 to the batch shell (what `--signal=B:USR2@T` does): checkpoint, exit 85, requeue, resume; the
+    final weights equal those of an uninterrupted run (fp32, same seed, same world size)."""
+    ref, cut, info, ref_info = wsd_jobs
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
         cluster.output(cut)
-    assert cluster.wait(ref)["ExitCode"] == "0:0"
+    assert ref_info["ExitCode"] == "0:0"
     launch = (cluster.runs / "preempted/logs/launch.log").read_text()
     assert "SIGUSR2: forwarding it to srun" in launch
     assert f"stopped (exit 85): requeueing job {cut} (restart 1 of at most 20)" in launch
@@ -233,6 +242,50 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, digits_root):
     steps = [m.step for m in MlflowClient(f"sqlite:///{cluster.root}/preempt.db").get_metric_history(
         run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 23))
+
+
+def test_branches_submitted_to_slurm_replay_the_trunks_decay_and_export(cluster, wsd_jobs):
+    """launch/branch.py --submit: two cooldown branches of the reference wsd trunk, one sbatch job each (the variant's
+    slurm/cs_mixer_tiny.sbatch, 2 nodes, slurm/launch.sh running the branch's branch.yaml). The branch at epoch 1
+    with a 1-epoch cooldown is the trunk's own decay: the same losses and weights, step for step. The branch at
+    step 5 ends at step 16. Both MLflow runs nest under the trunk's; a branch exports like any run."""
+    from mlflow.tracking import MlflowClient
+
+    from models.exported import load_exported
+
+    assert wsd_jobs[3]["ExitCode"] == "0:0"
+    trunk = cluster.runs / "reference"
+    r = subprocess.run([sys.executable, "launch/branch.py", str(trunk), "--at", "epoch_1", "step_5",
+                        "--cooldown-epochs", "1", "--submit", f"--sbatch-args=--output={cluster.root}/slurm-%x-%j.out"],
+                       cwd=REPO, env=cluster.env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = dict(re.findall(r"submitted (\S+): job (\d+) \(slurm/cs_mixer_tiny.sbatch\)", r.stdout))
+    assert sorted(jobs) == ["reference-b1-cd1", "reference-s5-cd1"], r.stdout
+    infos = {name: cluster.wait(job) for name, job in jobs.items()}
+    assert all(i["ExitCode"] == "0:0" and i["NumNodes"] == "2" for i in infos.values()), \
+        [cluster.output(j) for j in jobs.values()]
+    replay = (cluster.runs / "reference-b1-cd1/logs/rank0.log").read_text()
+    assert f"[resume] {cluster.runs}/reference-b1-cd1/checkpoints/step_00000011: step 11" in replay
+    losses, full = step_losses(replay), step_losses((trunk / "logs/rank0.log").read_text())
+    assert sorted(losses) == list(range(12, 23)) and all(losses[s] == full[s] for s in losses)
+    a, b = module_states(trunk), module_states(cluster.runs / "reference-b1-cd1")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    short = (cluster.runs / "reference-s5-cd1/logs/rank0.log").read_text()
+    assert sorted(step_losses(short)) == list(range(6, 17)) and "val_top1=" in short
+    uri = f"sqlite:///{cluster.root}/preempt.db"
+    parent = mlflow_run(uri, "reference")
+    for name in jobs:
+        run = mlflow_run(uri, name)
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["slurm_job_id"] == jobs[name]
+    assert max(m.step for m in MlflowClient(uri).get_metric_history(parent.info.run_id, "train/loss")) == 22
+    out = cluster.root / "branch.safetensors"
+    exported = subprocess.run([sys.executable, "launch/export.py", str(cluster.runs / "reference-s5-cd1"), "--out",
+                               str(out)], cwd=REPO, env=cluster.env(), capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    weights = load_exported(out)[0]
+    final = module_states(cluster.runs / "reference-s5-cd1")
+    assert weights.keys() == final.keys() and all(torch.equal(weights[k], final[k].float()) for k in final)
 
 
 # ------------------------------------------------------------------ c: full-size headers
@@ -389,23 +442,25 @@ def test_sweep_dry_run_plans_one_array_per_config_and_submits_nothing(cluster):
 
 
 def test_sweep_array_nests_runs_and_a_preempted_task_resumes_its_own_run(cluster, digits_root):
-    """Two grid points as one job array (1 node each); task 1 is preempted mid-run (SIGUSR2 to its batch
-    shell), requeued, and resumes its own run directory and MLflow run, still nested under the parent."""
+    """A 2 x 3 (lr x seed) grid as one job array (1 node each); task 1 is preempted mid-run (SIGUSR2 to its batch
+    shell), requeued, and resumes its own run directory and MLflow run, still nested under the parent.
+    `sweep.py status` lists the six tasks, then per lr the mean +- sd (n=3) of their best top-1."""
+    import statistics
+
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{cluster.root}/sweep.db"
-    r = sweep(cluster, "submit", "--config", "cs_mixer_tiny", "--grid", "optim.lr=1e-3,2e-3", "--name", "sw",
-              "--set", f"data.root={digits_root}", "train.epochs=1", "schedule.warmup_epochs=0", "train.log_every=1",
-              "--uri", uri,
-              "--sbatch-args", f"--nodes=1 --output={cluster.root}/slurm-%x-%j.out")
+    r = sweep(cluster, "submit", "--config", "cs_mixer_tiny", "--grid", "optim.lr=1e-3,2e-3", "train.seed=0,1,2",
+              "--name", "sw", "--set", f"data.root={digits_root}", "train.epochs=1", "schedule.warmup_epochs=0",
+              "train.log_every=1", "--uri", uri, "--sbatch-args", f"--nodes=1 --output={cluster.root}/slurm-%x-%j.out")
     assert r.returncode == 0, r.stdout + r.stderr
     array = re.search(r"submitted cs_mixer_tiny: job array (\d+)", r.stdout).group(1)
     task1 = cluster.runs / "sw-cs_mixer_tiny-1"
     wait_for_line(task1 / "logs/rank0.log", r"step 3/22 ")
     cluster.signal_batch_shell(f"{array}_1", "USR2")
-    infos = [cluster.wait(f"{array}_{i}") for i in (0, 1)]
-    # only task 1 requeued: `scontrol requeue <array id>` (task 1's SLURM_JOB_ID) would requeue task 0 too
-    assert [i["ExitCode"] for i in infos] == ["0:0", "0:0"] and [i["Restarts"] for i in infos] == ["0", "1"], \
+    infos = [cluster.wait(f"{array}_{i}") for i in range(6)]
+    # only task 1 requeued: `scontrol requeue <array id>` (the last task's SLURM_JOB_ID) would requeue them all
+    assert [i["ExitCode"] for i in infos] == ["0:0"] * 6 and [i["Restarts"] for i in infos] == ["0", "1"] + ["0"] * 4, \
         (infos, (task1 / "logs/launch.log").read_text())
     assert re.search(r"\[stop\] signal received: checkpoint \S+ written at step \d+; exit 85",
                      (task1 / "logs/rank0.log").read_text())
@@ -415,17 +470,24 @@ def test_sweep_array_nests_runs_and_a_preempted_task_resumes_its_own_run(cluster
     assert parent.data.tags["sweep.role"] == "parent" and parent.data.params["grid.optim.lr"] == "1e-3,2e-3"
     children = {r.info.run_name: r for r in client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
-    assert sorted(children) == ["sw-cs_mixer_tiny-0", "sw-cs_mixer_tiny-1"]  # one run per task, across the requeue
-    assert [children[n].data.params["optim.lr"] for n in sorted(children)] == ["0.001", "0.002"]
+    assert sorted(children) == [f"sw-cs_mixer_tiny-{i}" for i in range(6)]  # one run per task, across the requeue
+    assert [(children[n].data.params["optim.lr"], children[n].data.params["train.seed"]) for n in sorted(children)] \
+        == [(lr, seed) for lr in ("0.001", "0.002") for seed in "012"]
     assert children["sw-cs_mixer_tiny-1"].data.tags["restart_count"] == "1"
 
     r = sweep(cluster, "status", "sw")
     assert r.returncode == 0, r.stderr
+    print(r.stdout)
     rows = {line.split()[0]: line.split() for line in r.stdout.splitlines() if line.startswith("cs_mixer_tiny[")}
-    # task  overrides  state  epoch  best-top-1  best-EMA  restarts
-    assert rows["cs_mixer_tiny[0]"][1:4] == ["optim.lr=1e-3", "FINISHED", "1/1"] and rows["cs_mixer_tiny[0]"][-1] == "0"
-    assert rows["cs_mixer_tiny[1]"][1:4] == ["optim.lr=2e-3", "FINISHED", "1/1"] and rows["cs_mixer_tiny[1]"][-1] == "1"
-    assert float(rows["cs_mixer_tiny[1]"][4]) > 25
+    # task  overrides (lr, seed)  state  epoch  best-top-1  best-EMA  restarts
+    assert rows["cs_mixer_tiny[0]"][1:5] == ["optim.lr=1e-3", "train.seed=0", "FINISHED", "1/1"]
+    assert rows["cs_mixer_tiny[1]"][1:5] == ["optim.lr=1e-3", "train.seed=1", "FINISHED", "1/1"]
+    assert [rows[f"cs_mixer_tiny[{i}]"][-1] for i in range(6)] == ["0", "1", "0", "0", "0", "0"]
+    best = [float(rows[f"cs_mixer_tiny[{i}]"][5]) for i in range(6)]
+    assert min(best) > 25
+    for lr, values in (("1e-3", best[:3]), ("2e-3", best[3:])):  # the seeds of each lr: mean +- sd (n=3)
+        assert re.search(rf"cs_mixer_tiny optim\.lr={lr}\s+{statistics.mean(values):.2f} \+- "
+                         rf"{statistics.stdev(values):.2f}\s+\(n=3\)", r.stdout), r.stdout
     assert "every task has ended: parent run marked FINISHED" in r.stdout
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert "sweep.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -434,7 +496,7 @@ def test_sweep_array_nests_runs_and_a_preempted_task_resumes_its_own_run(cluster
     r = subprocess.run([sys.executable, "launch/compare.py", "sw", "--uri", uri, "--out", str(png)], cwd=REPO,
                        env=cluster.env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and png.stat().st_size > 10_000, r.stderr
-    assert "sw-cs_mixer_tiny-1" in r.stdout and f"logged to run {parent.info.run_id}" in r.stdout
+    assert r.stdout.count("best top-1 over 3 seeds") == 2 and f"logged to run {parent.info.run_id}" in r.stdout
 
 
 # ------------------------------------------------------------------ e: DeepSpeed's launcher, two nodes

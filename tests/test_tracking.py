@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from conftest import REPO, run_script
 
@@ -75,9 +76,10 @@ class MlflowServer:
         return MlflowClient(self.uri)
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module's tests, each in its own experiment; a test that stops it starts it again."""
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     srv.start()
     yield srv
     srv.stop()
@@ -101,19 +103,25 @@ def artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
-def train_args(tmp_path, digits_root, server, name: str, *extra: str) -> list[str]:
-    return [TRAIN, "--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}/runs",
-            f"train.run_name={name}", f"tracking.uri={server.uri}", "tracking.experiment=t", "tracking.retry_s=1",
-            *extra]
+def train_args(tmp_path, digits_root, server, name: str, *extra: str, experiment: str = "t",
+               config: str = "cs_mixer_tiny") -> list[str]:
+    return [TRAIN, "--config", config, f"data.root={digits_root}", f"train.output_dir={tmp_path}/runs",
+            f"train.run_name={name}", f"tracking.uri={server.uri}", f"tracking.experiment={experiment}",
+            "tracking.retry_s=1", *extra]
+
+
+def step_losses(log: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+)/\d+ loss ([0-9.]+)", log)}
 
 
 @pytest.mark.slow
 def test_two_process_run_logs_everything_to_the_server(tmp_path, digits_root, server):
-    result = run_script(*train_args(tmp_path, digits_root, server, "full", "train.max_steps=20", "train.log_every=5"),
+    result = run_script(*train_args(tmp_path, digits_root, server, "full", "train.max_steps=20", "train.log_every=5",
+                                    experiment="two-process"),
                         nproc=2, cwd=tmp_path, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     client = server.client()
-    run = only_run(client, "t")
+    run = only_run(client, "two-process")
     assert run.info.status == "FINISHED" and run.info.run_name == "full"
     params = run.data.params
     assert params["model.name"] == "cs_mixer_tiny" and params["train.global_batch"] == "128"
@@ -132,11 +140,14 @@ def test_two_process_run_logs_everything_to_the_server(tmp_path, digits_root, se
 
 
 @pytest.mark.slow
-def test_preempt_crash_and_resume_continue_one_run_without_duplicate_steps(tmp_path, digits_root, server):
-    """Attempt 1 is stopped by SIGUSR1 (checkpoint, KILLED); attempt 2 is SIGKILLed after it logged
-    steps past its last checkpoint; attempt 3 resumes from that checkpoint and finishes."""
-    args = train_args(tmp_path, digits_root, server, "r", "train.max_steps=24", "train.log_every=1",
-                      "checkpoint.every_steps=8", "deepspeed.bf16=false")
+def test_preempt_crash_and_resume_continue_one_run_exactly_without_duplicate_steps(tmp_path, digits_root, server):
+    """fp32, S2-MLPv2 with EMA, 2 processes. Attempt 1 is stopped by SIGUSR1 on one rank only (the ranks agree,
+    checkpoint, KILLED); attempt 2 is SIGKILLed after it logged steps past its last checkpoint; attempt 3 resumes
+    from that checkpoint and finishes: one MLflow run with every step once, and the losses step for step, the
+    weights and the EMA of an uninterrupted run."""
+    extra = ("train.max_steps=24", "train.log_every=1", "checkpoint.every_steps=8", "deepspeed.bf16=false",
+             "train.model_ema=true", "train.model_ema_decay=0.9", "deepspeed.zero_stage=1", "data.workers=1")
+    args = train_args(tmp_path, digits_root, server, "r", *extra, experiment="preempt", config="s2mlpv2_tiny")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def run_until(marker: str, sig: int) -> str:
@@ -152,26 +163,41 @@ def test_preempt_crash_and_resume_continue_one_run_without_duplicate_steps(tmp_p
                     for p in [*launcher.children(recursive=True), launcher]:  # workers have their own sessions
                         p.send_signal(signal.SIGKILL)
                 else:
-                    psutil.Process(proc.pid).children()[0].send_signal(sig)
+                    psutil.Process(proc.pid).children()[-1].send_signal(sig)  # one rank only
                 marker = "\0"
         proc.wait(timeout=300)
         return "".join(out)
 
+    full = run_script(*train_args(tmp_path, digits_root, server, "full", *extra, experiment="preempt-reference",
+                                  config="s2mlpv2_tiny"), nproc=2, cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
     first = run_until("step 4/24", signal.SIGUSR1)
+    assert "[stop] signal received" in first, first[-2000:]
     stopped = int(re.search(r"written at step (\d+)", first).group(1))
+    assert 4 <= stopped < 8
     client = server.client()
-    run = only_run(client, "t")
+    run = only_run(client, "preempt")
     assert run.info.status == "KILLED"
     second = run_until("step 10/24", signal.SIGKILL)  # checkpoint at 8; steps 9 and 10 logged after it
     assert f"[resume] {tmp_path}/runs/r/checkpoints/step_{stopped:08d}" in second
     third = run_script(*args, nproc=2, cwd=tmp_path)
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"[resume] {tmp_path}/runs/r/checkpoints/step_00000008: step 8" in third.stdout, (second[-1500:], third.stdout[-3000:])
-    run = only_run(client, "t")
+    run = only_run(client, "preempt")
     assert run.info.status == "FINISHED" and run.data.tags["restart_count"] == "2"
     assert "restart_1_from_step" in run.data.tags and run.data.tags["restart_2_from_step"] == "8"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 25))  # every step once
+    # the same continuation as the uninterrupted run: losses, weights and EMA
+    reference = step_losses(full.stdout)
+    resumed = {**step_losses(first), **step_losses(second), **step_losses(third.stdout)}
+    assert sorted(resumed) == list(range(1, 25)) and resumed == reference, (resumed, reference)
+    assert all(reference[s] == v for s, v in step_losses(second).items())  # the killed attempt's steps too
+    a = torch.load(tmp_path / "runs/full/checkpoints/step_00000024/mp_rank_00_model_states.pt", weights_only=False)
+    b = torch.load(tmp_path / "runs/r/checkpoints/step_00000024/mp_rank_00_model_states.pt", weights_only=False)
+    assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+    ema_a, ema_b = (torch.load(tmp_path / f"runs/{n}/checkpoints/step_00000024/ema.pt") for n in ("full", "r"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
 
 
 @pytest.mark.slow
@@ -179,7 +205,7 @@ def test_server_outage_loses_nothing_and_does_not_stop_training(tmp_path, digits
     """The server goes away at step 10 and comes back while training goes on; later it is down at
     the end of a run, whose records wait in the spool until `python -m trainer.tracking flush`."""
     args = train_args(tmp_path, digits_root, server, "o", "train.max_steps=120", "train.log_every=1",
-                      "checkpoint.every_steps=0")
+                      "checkpoint.every_steps=0", experiment="outage")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              *args], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
@@ -198,21 +224,21 @@ def test_server_outage_loses_nothing_and_does_not_stop_training(tmp_path, digits
     print(f"img/s, steps 2-10: {sorted(ips[1:10])[4]:.0f} median; during/after the outage, steps 11-120: "
           f"{sorted(ips[10:])[len(ips[10:]) // 2]:.0f} median")
     client = server.client()
-    run = only_run(client, "t")
+    run = only_run(client, "outage")
     assert run.info.status == "FINISHED"
     assert steps_of(client, run.info.run_id, "train/loss") == list(range(1, 121))
     assert not (tmp_path / "runs/o/tracking_spool.jsonl").exists()
 
     server.stop()  # down at the end of the next run
     down = run_script(*train_args(tmp_path, digits_root, server, "d", "train.max_steps=12", "train.log_every=1",
-                                  "tracking.experiment=t2"), nproc=2, cwd=tmp_path)
+                                  experiment="outage-at-the-end"), nproc=2, cwd=tmp_path)
     assert down.returncode == 0, down.stderr[-3000:]
     spool = tmp_path / "runs/d/tracking_spool.jsonl"
     assert spool.is_file() and "kept in" in down.stdout
     server.start()
     flushed = run_script("-m", "trainer.tracking", "flush", str(tmp_path / "runs/d"), "--uri", server.uri)
     assert flushed.returncode == 0, flushed.stderr[-3000:]
-    run = only_run(client, "t2")
+    run = only_run(client, "outage-at-the-end")
     assert run.info.status == "FINISHED" and steps_of(client, run.info.run_id, "train/loss") == list(range(1, 13))
     assert "model/cs_mixer_tiny-step_00000012.safetensors" in artifacts(client, run.info.run_id)
     assert not spool.exists()
@@ -319,13 +345,13 @@ def test_the_off_track_query_opens_the_store_under_the_trackers_lock(tmp_path):
     import threading
 
     from trainer.tracking import store_lock
-    from trainer.trainer import best_earlier_curve
+    from trainer.trainer import earlier_settings
 
     db = tmp_path / "m.db"
     uri = f"sqlite:///{db}"
     result: list[dict] = []
     with store_lock(uri):  # another job creating the store
-        query = threading.Thread(target=lambda: result.append(best_earlier_curve(uri, "e", "r", "x", print)))
+        query = threading.Thread(target=lambda: result.append(earlier_settings(uri, "e", "r", "x", print)))
         query.start()
         query.join(3)
         assert query.is_alive() and not db.exists()  # waiting; the database not opened

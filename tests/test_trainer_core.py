@@ -618,9 +618,12 @@ def test_minival_is_held_out_of_training_at_any_world_size(tmp_path, digits_root
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     assert {"suite/val/top1", "suite/imagenet-a/ece", "suite/sketch/nll", "suite/val/real_top1", "minival/top1",
             "val/top1"} <= set(run.data.metrics)
-    (tmp_path / "odd" / "cifar").mkdir(parents=True)
-    bad = digits_run(tmp_path, digits_root, "bad", "train.max_steps=1", f"eval.suite_root={tmp_path / 'odd'}")
-    assert bad.returncode != 0 and "eval.suite_root:" in bad.stderr and "matches no benchmark layout" in bad.stderr
+    (tmp_path / "odd" / "cifar").mkdir(parents=True)  # checked at the trainer's start (its ConfigError: exit 2)
+    from trainer.config import ConfigError, find_config, load_config
+    from trainer.trainer import build_suite
+    with pytest.raises(ConfigError, match=r"eval.suite_root: .*matches no benchmark layout"):
+        build_suite(load_config(find_config("cs_mixer_tiny"), [f"eval.suite_root={tmp_path / 'odd'}"]),
+                    [f"digit_{i}" for i in range(10)], None)
     samples, _ = scan_split(digits_root, "train")
     _, held = minival_split(samples.labels, 5, 0)
     held_paths = {samples[int(i)][0] for i in held}

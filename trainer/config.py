@@ -160,7 +160,8 @@ class TrackingConfig:
     log_model: bool = True             # export the final weights (safetensors) as a run artifact
     retry_s: float = knob(10.0, gt=0.0)  # while the server is unreachable, retry this often
     register_model: str | None = None  # register the final export as a version of this Model Registry name
-    off_track_points: float = knob(5.0, gt=0.0)  # val top-1 this far behind the best earlier run: off-track
+    off_track_points: float = knob(5.0, gt=0.0)  # val top-1 this far behind the best earlier run (one seed): off-track
+    off_track_sd: float = knob(3.0, gt=0.0)  # ... where that setting has several seeds: this many sd below their mean
     parent_run_id: str | None = None   # nest the run under this MLflow run (a sweep's parent; launch/sweep.py)
 
 

@@ -300,7 +300,7 @@ class Evaluator:
         self.t = trainer
         self.ema_model = None
         self.top1 = self.top5 = self.ema_top1 = None
-        self.reference: dict[int, tuple[float, str]] | None = None  # off-track: the best earlier curve
+        self.reference: dict[int, Reference] | None = None  # off-track: the best earlier setting by epoch
 
     def run(self) -> None:
         t, state = self.t, self.t.state
@@ -384,25 +384,39 @@ class Evaluator:
             t.tracker.set_tags({"eval_crop_pct": str(best)})
 
     def off_track(self, epoch: int, top1: float) -> None:
-        """Behind the best earlier finished run of the same recipe, at the same epoch, by more than
-        tracking.off_track_points: a warning line, an MLflow tag and metric. The reference is read once."""
+        """Behind the best earlier setting of the same recipe at the same epoch: a warning line, an MLflow tag
+        and metrics (off_track_verdict). The earlier runs are read once."""
         t = self.t
         if self.reference is None:
-            self.reference = best_earlier_curve(t.tracker.uri, t.cfg.tracking.experiment, t.recipe, t.tracker.run_id,
-                                                t.log)
+            self.reference = earlier_settings(t.tracker.uri, t.cfg.tracking.experiment, t.recipe, t.tracker.run_id,
+                                              t.log)
         if epoch not in self.reference:
             return
-        best, run_name = self.reference[epoch]
-        gap = best - top1
-        t.tracker.log_metrics({"val/off_track_points": gap}, epoch)
-        if gap > t.cfg.tracking.off_track_points:
-            t.log(f"[off-track] epoch {epoch}: val top-1 {top1:.2f} is {gap:.1f} points behind {best:.2f} of run "
-                  f"{run_name} at the same epoch (tracking.off_track_points={t.cfg.tracking.off_track_points})")
-            t.tracker.set_tags({"off_track": f"epoch {epoch}: {gap:.1f} points behind {run_name}"})
+        ref = self.reference[epoch]
+        verdict, metrics = off_track_verdict(ref, top1, t.cfg.tracking.off_track_points, t.cfg.tracking.off_track_sd)
+        t.tracker.log_metrics(metrics, epoch)
+        if verdict:
+            t.log(f"[off-track] epoch {epoch}: {verdict}")
+            t.tracker.set_tags({"off_track": f"epoch {epoch}: {verdict}"})
 
 
-def best_earlier_curve(uri: str, experiment: str, recipe: str, this_run: str, log) -> dict[int, tuple[float, str]]:
-    """epoch -> (best val top-1, run name) over the experiment's FINISHED runs tagged with `recipe`."""
+# Parameters that say where or how a run was kept, not what it trained: runs of one recipe that differ only in
+# these and train.seed are seeds of one setting.
+NOT_A_SETTING = ("train.seed", "train.run_name", "train.output_dir", "train.resume", "train.branch_of", "tracking.",
+                 "checkpoint.")
+
+
+@dataclass
+class Reference:
+    """The best earlier setting at one epoch: the mean val top-1 over its seeds, their sd (None for one run)."""
+    mean: float
+    sd: float | None
+    runs: list[str]
+
+
+def earlier_settings(uri: str, experiment: str, recipe: str, this_run: str, log) -> dict[int, Reference]:
+    """epoch -> the best setting (by mean) among the experiment's FINISHED runs tagged with `recipe`."""
+    import statistics
     try:
         from mlflow.tracking import MlflowClient
 
@@ -413,17 +427,43 @@ def best_earlier_curve(uri: str, experiment: str, recipe: str, this_run: str, lo
         if exp is None:
             return {}
         runs = client.search_runs([exp.experiment_id], f"tags.recipe = '{recipe}' and attributes.status = 'FINISHED'")
-        curve: dict[int, tuple[float, str]] = {}
+        by_epoch: dict[int, dict[tuple, list[tuple[float, str]]]] = {}
         for run in runs:
             if run.info.run_id == this_run:
                 continue
+            setting = tuple(sorted((k, v) for k, v in run.data.params.items() if not k.startswith(NOT_A_SETTING)))
             for m in client.get_metric_history(run.info.run_id, "val/top1_by_epoch"):
-                if m.step not in curve or m.value > curve[m.step][0]:
-                    curve[m.step] = (m.value, run.info.run_name)
-        return curve
+                by_epoch.setdefault(m.step, {}).setdefault(setting, []).append((m.value, run.info.run_name))
+        best: dict[int, Reference] = {}
+        for epoch, settings in by_epoch.items():
+            for members in settings.values():
+                values = [v for v, _ in members]
+                ref = Reference(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None,
+                                [name for _, name in members])
+                if epoch not in best or ref.mean > best[epoch].mean:
+                    best[epoch] = ref
+        return best
     except Exception as e:  # noqa: BLE001  (a tracking server that is away must not stop training)
         log(f"[tracking] off-track check unavailable: {e}")
         return {}
+
+
+def off_track_verdict(ref: Reference, top1: float, points: float, sds: float) -> tuple[str | None, dict[str, float]]:
+    """Off-track, against seeds' spread where the reference has several (tracking.off_track_sd standard deviations
+    below their mean: a seed's noise is not a signal), else against tracking.off_track_points."""
+    gap = ref.mean - top1
+    metrics = {"val/off_track_points": gap}
+    if ref.sd:  # two or more seeds that did not agree exactly
+        metrics["val/off_track_sd"] = gap / ref.sd
+        if gap / ref.sd <= sds:
+            return None, metrics
+        return (f"val top-1 {top1:.2f} is {gap:.1f} points, {gap / ref.sd:.1f} sd, below {ref.mean:.2f} +- "
+                f"{ref.sd:.2f}, the mean of {len(ref.runs)} seeds ({', '.join(ref.runs)}) at the same epoch "
+                f"(tracking.off_track_sd={sds:g})"), metrics
+    if gap <= points:
+        return None, metrics
+    return (f"val top-1 {top1:.2f} is {gap:.1f} points behind {ref.mean:.2f} of run {', '.join(ref.runs)} at the "
+            f"same epoch (tracking.off_track_points={points:g})"), metrics
 
 
 def seed_everything(seed: int) -> None:
