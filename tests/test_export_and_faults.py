@@ -46,7 +46,7 @@ def test_export_loads_with_create_model_and_gives_the_engines_logits(tmp_path, d
     """ZeRO-0 in DeepSpeed's bf16 mode (bf16_mode=weights) reads the fp32 master copy from the
     optimizer; ZeRO-3 gathers the partitions."""
     run = run_script(TRAIN, "--config", "s2mlpv2_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
-                     "train.run_name=r", "train.max_steps=4", f"deepspeed.zero_stage={stage}",
+                     "train.run_name=r", "train.max_steps=4", f"deepspeed.zero_stage={stage}", "tracking.enabled=false",
                      f"deepspeed.bf16={str(bf16).lower()}", "deepspeed.bf16_mode=weights", nproc=2, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     dtype = "bf16" if bf16 else "fp32"
@@ -130,7 +130,7 @@ def test_rank_killed_mid_checkpoint_resumes_from_the_previous_complete_one(tmp_p
     wrapper = tmp_path / "kill_during_save.py"
     wrapper.write_text(KILL_DURING_SAVE)
     args = ["--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
-            "train.run_name=k", "train.max_steps=6", "checkpoint.every_steps=2", "train.log_every=1"]
+            "train.run_name=k", "train.max_steps=6", "checkpoint.every_steps=2", "train.log_every=1", "tracking.enabled=false"]
     killed = run_script(str(wrapper), TRAIN, *args, nproc=2, cwd=tmp_path, env={"DIE_AT_SAVE": "2"})
     assert killed.returncode != 0
     assert re.search(r"exitcode\s*:\s*-9", killed.stderr), killed.stderr[-2000:]

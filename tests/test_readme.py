@@ -40,6 +40,19 @@ def test_the_docs_show_the_commands_users_need():
 _help_cache: dict[str, str] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def prefetched_help():
+    """Every script's --help, two at a time (each is a process start): what the command checks compare with."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scripts = sorted({w for _, cmd in commands() for w in shlex.split(cmd) if w.endswith(".py") and (REPO / w).is_file()}
+                     | {"scripts/gpu_check.py"})
+    with ThreadPoolExecutor(2) as pool:
+        for script, result in zip(scripts, pool.map(lambda s: run_script(s, "--help"), scripts)):
+            if result.returncode == 0:  # a failure is reported by the test that needs it
+                _help_cache[script] = result.stdout
+
+
 def script_help(script: str) -> str:
     if script not in _help_cache:
         result = run_script(script, "--help")

@@ -203,8 +203,8 @@ def wsd_jobs(cluster, digits_root):
     the trunk that test_branches_... branches off."""
     common = (f"data.root={digits_root}", "train.epochs=2", "train.log_every=1", "deepspeed.bf16=false",
               f"tracking.uri=sqlite:///{cluster.root}/preempt.db", "schedule.sched=wsd", "schedule.cooldown_epochs=1",
-              "schedule.warmup_epochs=0.25",
-              "checkpoint.every_steps=5", "checkpoint.keep_last=8")
+              "schedule.warmup_epochs=0.25", "checkpoint.every_steps=5", "checkpoint.keep_last=8",
+              "tracking.log_model=false", "tracking.system_metrics=false")
     ref = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="reference")
     cut = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="preempted")
     wait_for_line(cluster.runs / "preempted/logs/rank0.log", r"step 3/22 ")
@@ -452,7 +452,8 @@ def test_sweep_array_nests_runs_and_a_preempted_task_resumes_its_own_run(cluster
     uri = f"sqlite:///{cluster.root}/sweep.db"
     r = sweep(cluster, "submit", "--config", "cs_mixer_tiny", "--grid", "optim.lr=1e-3,2e-3", "train.seed=0,1,2",
               "--name", "sw", "--set", f"data.root={digits_root}", "train.epochs=1", "schedule.warmup_epochs=0",
-              "train.log_every=1", "--uri", uri, "--sbatch-args", f"--nodes=1 --output={cluster.root}/slurm-%x-%j.out")
+              "train.log_every=1", "tracking.log_model=false", "tracking.system_metrics=false", "--uri", uri,
+              "--sbatch-args", f"--nodes=1 --output={cluster.root}/slurm-%x-%j.out")
     assert r.returncode == 0, r.stdout + r.stderr
     array = re.search(r"submitted cs_mixer_tiny: job array (\d+)", r.stdout).group(1)
     task1 = cluster.runs / "sw-cs_mixer_tiny-1"
