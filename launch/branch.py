@@ -10,7 +10,8 @@ The branch is a run of its own: its own run directory (<output_dir>/<name>, defa
 <trunk>-b<epoch|step>-cd<K>), whose checkpoints/ starts with the trunk's checkpoint at the branch point
 (hard links: no copy of the weights), so its first start resumes the trunk's exact state (weights,
 optimizer, EMA, data position, RNG), then decays the lr to min_lr over --cooldown-epochs
-(schedule.cooldown_shape). Its MLflow run is nested under the trunk's, tagged branch_of and branch_step.
+(schedule.cooldown_shape). Its MLflow run is nested under the trunk's, in the trunk's store (even where that came
+from MLFLOW_TRACKING_URI), tagged branch_of and branch_step.
 Preemption, resume and export work on it as on any run: run the printed command again. Overrides
 (section.key=value) go into the branch's config (schedule.cooldown_shape=linear, ...).
 
@@ -102,9 +103,22 @@ def plan_branch(trunk: Path, trunk_cfg: dict, at: str, cooldown_epochs: float, n
                     "branch_of": f"{trunk.resolve()}@step_{state['step']}"}
     cfg["schedule"] = {**sched, "cooldown_epochs": cooldown_epochs, "cooldown_fraction": 0.0}
     trunk_run = state.get("tracking_run_id") or run_id_of(trunk)  # the id is filed once the run exists
-    cfg["tracking"] = {**trunk_cfg["tracking"], "parent_run_id": trunk_run}
+    # the store the trunk's run is in, even where it came from MLFLOW_TRACKING_URI and not the config: a nested
+    # run belongs beside its parent, whatever the environment the branch is started from
+    store = trunk_store(trunk)
+    cfg["tracking"] = {**trunk_cfg["tracking"], "parent_run_id": trunk_run, **({"uri": store} if store else {})}
     checked = config_from_dict(cfg, overrides, source=f"{trunk}/config.yaml + the branch")
     return Branch(name, branch, tag, meta, checked, cooldown_steps)
+
+
+def trunk_store(trunk: Path) -> str | None:
+    """The MLflow tracking URI the trunk's run logged to (its run directory's tracking_run.json), if it tracked."""
+    from trainer.tracking import RUN_FILE
+
+    try:
+        return json.loads((trunk / RUN_FILE).read_text()).get("uri")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def make_branch(b: Branch) -> None:

@@ -152,14 +152,25 @@ def cluster(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ a, d: the tiny jobs, two at once
+# The cs_mixer_tiny jobs are fp32 warmup-stable-decay runs (the decay is epoch 2; a checkpoint every 5 steps kept):
+# the uninterrupted one is also the preemption test's reference and the trunk the branch test branches off.
+WSD = ("train.log_every=1", "deepspeed.bf16=false", "schedule.sched=wsd", "schedule.cooldown_epochs=1",
+       "schedule.warmup_epochs=0.25", "checkpoint.every_steps=5", "checkpoint.keep_last=8", "tracking.log_model=false",
+       "tracking.system_metrics=false")
+
+
 @pytest.fixture(scope="module")
 def tiny_jobs(cluster, digits_root):
-    """Both shipped tiny sbatch files submitted at once (2 nodes each), run to completion."""
-    ids = {cfg: cluster.submit(cfg, f"data.root={digits_root}", "train.epochs=2", "aug.auto_augment=none",
-                               "aug.mixup=0", "aug.cutmix=0", "aug.reprob=0",  # 2 epochs: learn, do not regularise
-                               MLFLOW_TRACKING_URI=f"sqlite:///{cluster.root}/mlflow.db")
-           for cfg in TINY}
-    return {cfg: (job_id, cluster.wait(job_id)) for cfg, job_id in ids.items()}
+    """Both shipped tiny sbatch files submitted at once (2 nodes each), and beside them a copy of the cs_mixer_tiny
+    job ("preempted") that gets SIGUSR2 at step 3; all run to completion. {config or "preempted": (job id, info)}"""
+    common = (f"data.root={digits_root}", "train.epochs=2", "aug.auto_augment=none", "aug.mixup=0", "aug.cutmix=0",
+              "aug.reprob=0")  # 2 epochs: learn, do not regularise
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{cluster.root}/mlflow.db"}
+    ids = {cfg: cluster.submit(cfg, *common, *(WSD if cfg == "cs_mixer_tiny" else ()), **env) for cfg in TINY}
+    ids["preempted"] = cluster.submit("cs_mixer_tiny", *common, *WSD, RUN_NAME="preempted", **env)
+    wait_for_line(cluster.runs / "preempted/logs/rank0.log", r"step 3/22 ")
+    cluster.signal_batch_shell(ids["preempted"], "USR2")
+    return {key: (job_id, cluster.wait(job_id)) for key, job_id in ids.items()}
 
 
 @pytest.mark.parametrize("config", TINY)
@@ -184,7 +195,8 @@ def test_tiny_sbatch_trains_on_two_nodes(cluster, tiny_jobs, config):
 
 def test_two_jobs_at_once_do_not_collide(cluster, tiny_jobs):
     ports, run_dirs, spans = set(), set(), []
-    for config, (job_id, info) in tiny_jobs.items():
+    for config in TINY:
+        job_id, info = tiny_jobs[config]
         launch = (cluster.runs / f"{config}-{job_id}" / "logs/launch.log").read_text()
         ports.add(int(re.search(r"MASTER_ADDR=127\.0\.0\.1 MASTER_PORT=(\d+)", launch).group(1)))
         run_dirs.add(re.search(r"run dir (\S+);", launch).group(1))
@@ -196,29 +208,14 @@ def test_two_jobs_at_once_do_not_collide(cluster, tiny_jobs):
 
 
 # ------------------------------------------------------------------ b: preemption, requeue, exact resume
-@pytest.fixture(scope="module")
-def wsd_jobs(cluster, digits_root):
-    """Two 2-epoch warmup-stable-decay runs of cs_mixer_tiny on 2 nodes (fp32; the decay is epoch 2, checkpoints
-    every 5 steps kept): "reference" runs through, "preempted" gets SIGUSR2 at step 3. The reference is also
-    the trunk that test_branches_... branches off."""
-    common = (f"data.root={digits_root}", "train.epochs=2", "train.log_every=1", "deepspeed.bf16=false",
-              f"tracking.uri=sqlite:///{cluster.root}/preempt.db", "schedule.sched=wsd", "schedule.cooldown_epochs=1",
-              "schedule.warmup_epochs=0.25", "checkpoint.every_steps=5", "checkpoint.keep_last=8",
-              "tracking.log_model=false", "tracking.system_metrics=false")
-    ref = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="reference")
-    cut = cluster.submit("cs_mixer_tiny", *common, RUN_NAME="preempted")
-    wait_for_line(cluster.runs / "preempted/logs/rank0.log", r"step 3/22 ")
-    cluster.signal_batch_shell(cut, "USR2")
-    return ref, cut, cluster.wait(cut), cluster.wait(ref)
-
-
-def test_preempted_job_requeues_and_resumes_exactly(cluster, wsd_jobs):
+def test_preempted_job_requeues_and_resumes_exactly(cluster, tiny_jobs):
     """SIGUSR2 to the batch shell (what `--signal=B:USR2@T` does): checkpoint, exit 85, requeue, resume; the
-    final weights equal those of an uninterrupted run (fp32, same seed, same world size)."""
-    ref, cut, info, ref_info = wsd_jobs
+    final weights equal those of an uninterrupted run (the cs_mixer_tiny job: fp32, same seed, same world size)."""
+    (cut, info), (ref, ref_info) = tiny_jobs["preempted"], tiny_jobs["cs_mixer_tiny"]
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
         cluster.output(cut)
     assert ref_info["ExitCode"] == "0:0"
+    reference, uri = cluster.runs / f"cs_mixer_tiny-{ref}", f"sqlite:///{cluster.root}/mlflow.db"
     launch = (cluster.runs / "preempted/logs/launch.log").read_text()
     assert "SIGUSR2: forwarding it to srun" in launch
     assert f"stopped (exit 85): requeueing job {cut} (restart 1 of at most 20)" in launch
@@ -228,63 +225,65 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, wsd_jobs):
     assert 3 <= stopped < 22
     assert f"[resume] {cluster.runs}/preempted/checkpoints/step_{stopped:08d}: step {stopped}" in log
     resumed = step_losses(log.split("[resume]")[1])
-    full = step_losses((cluster.runs / "reference/logs/rank0.log").read_text())
+    full = step_losses((reference / "logs/rank0.log").read_text())
     assert sorted(resumed) == list(range(stopped + 1, 23))
     assert all(resumed[s] == full[s] for s in resumed), (resumed, full)
-    a, b = module_states(cluster.runs / "reference"), module_states(cluster.runs / "preempted")
+    a, b = module_states(reference), module_states(cluster.runs / "preempted")
     assert (cluster.runs / "preempted/checkpoints/latest").read_text().strip() == "step_00000022"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    run = mlflow_run(f"sqlite:///{cluster.root}/preempt.db", "preempted")  # one MLflow run across the requeue
+    run = mlflow_run(uri, "preempted")  # one MLflow run across the requeue
     assert run.info.status == "FINISHED" and run.data.tags["restart_count"] == "1"
     assert run.data.tags["slurm_restart_count"] == "1" and run.data.tags["restart_1_from_step"] == str(stopped)
     from mlflow.tracking import MlflowClient
 
-    steps = [m.step for m in MlflowClient(f"sqlite:///{cluster.root}/preempt.db").get_metric_history(
-        run.info.run_id, "train/loss")]
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 23))
 
 
-def test_branches_submitted_to_slurm_replay_the_trunks_decay_and_export(cluster, wsd_jobs):
-    """launch/branch.py --submit: two cooldown branches of the reference wsd trunk, one sbatch job each (the variant's
+def test_branches_submitted_to_slurm_replay_the_trunks_decay_and_export(cluster, tiny_jobs):
+    """launch/branch.py --submit: two cooldown branches of the cs_mixer_tiny job (a wsd trunk), one sbatch job each (the variant's
     slurm/cs_mixer_tiny.sbatch, 2 nodes, slurm/launch.sh running the branch's branch.yaml). The branch at epoch 1
     with a 1-epoch cooldown is the trunk's own decay: the same losses and weights, step for step. The branch at
-    step 5 ends at step 16. Both MLflow runs nest under the trunk's; a branch exports like any run."""
+    step 5 ends at step 16. Both MLflow runs nest under the trunk's, in the trunk's store: the trunk got it from
+    MLFLOW_TRACKING_URI, which branch.py's environment here lacks. A branch exports like any run."""
     from mlflow.tracking import MlflowClient
 
     from models.exported import load_exported
 
-    assert wsd_jobs[3]["ExitCode"] == "0:0"
-    trunk = cluster.runs / "reference"
+    job_id, info = tiny_jobs["cs_mixer_tiny"]
+    assert info["ExitCode"] == "0:0"
+    trunk = cluster.runs / f"cs_mixer_tiny-{job_id}"
+    b1, s5 = f"{trunk.name}-b1-cd1", f"{trunk.name}-s5-cd1"
     r = subprocess.run([sys.executable, "launch/branch.py", str(trunk), "--at", "epoch_1", "step_5",
                         "--cooldown-epochs", "1", "--submit", f"--sbatch-args=--output={cluster.root}/slurm-%x-%j.out"],
                        cwd=REPO, env=cluster.env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     jobs = dict(re.findall(r"submitted (\S+): job (\d+) \(slurm/cs_mixer_tiny.sbatch\)", r.stdout))
-    assert sorted(jobs) == ["reference-b1-cd1", "reference-s5-cd1"], r.stdout
+    assert sorted(jobs) == [b1, s5], r.stdout
     infos = {name: cluster.wait(job) for name, job in jobs.items()}
     assert all(i["ExitCode"] == "0:0" and i["NumNodes"] == "2" for i in infos.values()), \
         [cluster.output(j) for j in jobs.values()]
-    replay = (cluster.runs / "reference-b1-cd1/logs/rank0.log").read_text()
-    assert f"[resume] {cluster.runs}/reference-b1-cd1/checkpoints/step_00000011: step 11" in replay
+    replay = (cluster.runs / b1 / "logs/rank0.log").read_text()
+    assert f"[resume] {cluster.runs}/{b1}/checkpoints/step_00000011: step 11" in replay
     losses, full = step_losses(replay), step_losses((trunk / "logs/rank0.log").read_text())
     assert sorted(losses) == list(range(12, 23)) and all(losses[s] == full[s] for s in losses)
-    a, b = module_states(trunk), module_states(cluster.runs / "reference-b1-cd1")
+    a, b = module_states(trunk), module_states(cluster.runs / b1)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    short = (cluster.runs / "reference-s5-cd1/logs/rank0.log").read_text()
+    short = (cluster.runs / s5 / "logs/rank0.log").read_text()
     assert sorted(step_losses(short)) == list(range(6, 17)) and "val_top1=" in short
-    uri = f"sqlite:///{cluster.root}/preempt.db"
-    parent = mlflow_run(uri, "reference")
+    uri = f"sqlite:///{cluster.root}/mlflow.db"
+    parent = mlflow_run(uri, trunk.name)
     for name in jobs:
         run = mlflow_run(uri, name)
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["slurm_job_id"] == jobs[name]
     assert max(m.step for m in MlflowClient(uri).get_metric_history(parent.info.run_id, "train/loss")) == 22
     out = cluster.root / "branch.safetensors"
-    exported = subprocess.run([sys.executable, "launch/export.py", str(cluster.runs / "reference-s5-cd1"), "--out",
+    exported = subprocess.run([sys.executable, "launch/export.py", str(cluster.runs / s5), "--out",
                                str(out)], cwd=REPO, env=cluster.env(), capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr[-2000:]
     weights = load_exported(out)[0]
-    final = module_states(cluster.runs / "reference-s5-cd1")
+    final = module_states(cluster.runs / s5)
     assert weights.keys() == final.keys() and all(torch.equal(weights[k], final[k].float()) for k in final)
 
 
