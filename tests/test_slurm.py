@@ -1,4 +1,4 @@
-"""The SLURM launchers (slurm/) on a real SLURM cluster on this machine, and DeepSpeed's multi-node launcher.
+"""The SLURM launchers (slurm/) on a real SLURM cluster on this machine (DeepSpeed's multi-node launcher: test_train.py).
 
 One cluster per module (slurm/local_cluster.sh: munged, slurmctld, two slurmd on 127.0.0.1, own ports),
 shaped like two 8-GPU nodes (64 CPUs, 8 emulated GPUs each) so the full-size sbatch headers are checked as
@@ -11,7 +11,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -497,34 +496,3 @@ def test_sweep_array_nests_runs_and_a_preempted_task_resumes_its_own_run(cluster
                        env=cluster.env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and png.stat().st_size > 10_000, r.stderr
     assert r.stdout.count("best top-1 over 3 seeds") == 2 and f"logged to run {parent.info.run_id}" in r.stdout
-
-
-# ------------------------------------------------------------------ e: DeepSpeed's launcher, two nodes
-def test_deepspeed_hostfile_no_ssh_two_simulated_nodes(tmp_path, digits_root):
-    """`deepspeed --hostfile H --no_ssh --node_rank R`: one launcher per node, no ssh, here both on this machine."""
-    (tmp_path / "hostfile").write_text("n1 slots=1\nn2 slots=1\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    # DeepSpeed's ops compiled once into the venv (as the Makefile does), not at every run
-    env = _clean_env(TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", f"{sys.prefix}/torch_extensions"))
-    procs = [subprocess.Popen([str(deepspeed), "--hostfile", str(tmp_path / "hostfile"), "--no_ssh",
-                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               "launch/train.py", "--config", "cs_mixer_tiny", f"data.root={digits_root}",
-                               f"train.output_dir={tmp_path}", "train.run_name=ds", "train.max_steps=4",
-                               "train.log_every=2", "tracking.enabled=false"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)  # the launcher ends its ranks on SIGTERM
-                p.wait(timeout=30)
-    assert [p.returncode for p in procs] == [0, 0], outs
-    assert "global_rank_mapping=defaultdict(<class 'list'>, {'n1': [0], 'n2': [1]})" in outs[0]
-    assert "[plan] cs_mixer_tiny: world size 2; batch 64/rank x accum 1 x 2 ranks = global 128" in outs[0]
-    assert re.search(r"^val_top1=[0-9.]+$", outs[0], re.M) and "val_top1=" not in outs[1]
-    assert (tmp_path / "ds/checkpoints/latest").read_text().strip() == "step_00000004"

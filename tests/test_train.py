@@ -145,21 +145,39 @@ def test_bad_checkpoints_fail_with_what_to_do(tmp_path, digits_root):
 
 @pytest.mark.slow
 def test_deepspeed_launcher_gives_the_same_run_as_torchrun(tmp_path, digits_root, reference_run):
-    """`deepspeed --num_gpus 2 launch/train.py` (its --local_rank argument, its env) = torchrun, loss for loss."""
+    """`deepspeed --hostfile H --no_ssh --node_rank R launch/train.py`: one DeepSpeed launcher per node, no ssh, here
+    two simulated nodes on this machine (its --local_rank argument, its env, its rank mapping) = torchrun, loss for
+    loss."""
+    import signal
     import socket
 
+    (tmp_path / "hostfile").write_text("n1 slots=1\nn2 slots=1\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["--config", "cs_mixer_tiny", f"data.root={digits_root}", f"train.output_dir={tmp_path}",
-            "train.log_every=1", "data.workers=1", *REFERENCE, "deepspeed.zero_stage=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ds = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-                         "--master_port", str(port), TRAIN, *args, "train.run_name=ds"],
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert ds.returncode == 0, ds.stderr[-3000:]
-    assert "world size 2; batch 64/rank x accum 1 x 2 ranks" in ds.stdout
-    assert len(losses(ds.stdout)) == 4 and losses(ds.stdout) == losses(reference_run.stdout)
+            "train.log_every=1", "data.workers=1", *REFERENCE, "deepspeed.zero_stage=2", "train.run_name=ds"]
+    # pytest may itself run inside a SLURM job: the launchers must not see its variables
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"),
+                               "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
+                               str(port), TRAIN, *args],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # the launcher ends its ranks on SIGTERM
+                p.wait(timeout=30)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "global_rank_mapping=defaultdict(<class 'list'>, {'n1': [0], 'n2': [1]})" in outs[0]
+    assert "[plan] cs_mixer_tiny: world size 2; batch 64/rank x accum 1 x 2 ranks = global 128" in outs[0]
+    assert re.search(r"^val_top1=[0-9.]+$", outs[0], re.M) and "val_top1=" not in outs[1]
+    assert (tmp_path / "ds/checkpoints/latest").read_text().strip() == "step_00000004"
+    assert len(losses(outs[0])) == 4 and losses(outs[0]) == losses(reference_run.stdout)
 
 
 def test_trainer_benchmarks_print_their_tables(tmp_path):
