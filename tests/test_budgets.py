@@ -53,18 +53,12 @@ def test_a_branch_resumes_the_trunk_exactly_and_a_preempted_branch_ends_the_same
         assert "decay over 1 epochs (15 steps, 1-sqrt) to step 30" in made.stdout
         return str(tmp_path / name / "branch.yaml")
 
-    a = run_script(TRAIN, "--config", branch("A"), cwd=tmp_path)
-    assert a.returncode == 0, a.stderr[-3000:]
-    assert f"[resume] {tmp_path}/A/checkpoints/step_00000015" in a.stdout
-    assert re.search(r"\[plan\] distillation \(soft, alpha 0.5, tau 2.0\): teacher cs_mixer_tiny from \S+ "
-                     r"\(safetensors\), [\d.]+ GMACs per image", a.stdout), a.stdout[:3000]
-    assert len(re.findall(r"loss terms: base [\d.]+ distill [\d.]+", a.stdout)) == 15
-    lrs = {int(s): float(v) for s, v in re.findall(r"step (\d+)/30 loss [\d.]+ lr ([\d.e+-]+)", a.stdout)}
-    assert sorted(lrs) == list(range(16, 31)) and lrs[30] == pytest.approx(1e-5, rel=1e-3)  # min_lr at the end
-    assert all(lrs[s] > lrs[s + 1] for s in range(16, 30))
-
-    config = branch("B")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # A runs through while B (one process each) is stopped and run again beside it
+    a_out, a_err = open(tmp_path / "A.out", "w+"), open(tmp_path / "A.err", "w+")  # files: nothing to drain
+    proc_a = subprocess.Popen([sys.executable, TRAIN, "--config", branch("A")], cwd=tmp_path, env=env, text=True,
+                              stdout=a_out, stderr=a_err)
+    config = branch("B")
     proc = subprocess.Popen([sys.executable, TRAIN, "--config", config], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     first = []
@@ -75,6 +69,18 @@ def test_a_branch_resumes_the_trunk_exactly_and_a_preempted_branch_ends_the_same
     assert proc.wait(timeout=300) == 85 and "[stop] signal received" in "".join(first)
     b = run_script(TRAIN, "--config", config, cwd=tmp_path)
     assert b.returncode == 0, b.stderr[-3000:]
+    a = subprocess.CompletedProcess(proc_a.args, proc_a.wait(timeout=300), (tmp_path / "A.out").read_text(),
+                                    (tmp_path / "A.err").read_text())
+    a_out.close(), a_err.close()
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert f"[resume] {tmp_path}/A/checkpoints/step_00000015" in a.stdout
+    assert re.search(r"\[plan\] distillation \(soft, alpha 0.5, tau 2.0\): teacher cs_mixer_tiny from \S+ "
+                     r"\(safetensors\), [\d.]+ GMACs per image", a.stdout), a.stdout[:3000]
+    assert len(re.findall(r"loss terms: base [\d.]+ distill [\d.]+", a.stdout)) == 15
+    lrs = {int(s): float(v) for s, v in re.findall(r"step (\d+)/30 loss [\d.]+ lr ([\d.e+-]+)", a.stdout)}
+    assert sorted(lrs) == list(range(16, 31)) and lrs[30] == pytest.approx(1e-5, rel=1e-3)  # min_lr at the end
+    assert all(lrs[s] > lrs[s + 1] for s in range(16, 30))
+
     merged = {**losses("".join(first)), **losses(b.stdout)}
     assert merged == losses(a.stdout)  # the same continuation, step for step
     wa = torch.load(tmp_path / "A/checkpoints/step_00000030/mp_rank_00_model_states.pt", weights_only=False)["module"]
