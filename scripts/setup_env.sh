@@ -68,5 +68,16 @@ import torch
 assert torch.__version__.split("+")[0] == "2.14.1", f"torch was replaced: {torch.__version__}"
 import timm, torchvision  # noqa: E401,F401  (fails here, not in a test, if they do not match)
 PY
+# DeepSpeed JIT-compiles its shared-memory collective op (~30 s) at the first multi-process start on a CPU:
+# compile it now, into the venv's torch_extensions where the Makefile and slurm/launch.sh point, not in a
+# user's first run (or a test's). GPU hosts use NCCL and skip it.
+TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(cd "$VENV" && pwd)/torch_extensions} "$VENV/bin/python" - <<'PY'
+import torch
+if not torch.cuda.is_available():
+    from trainer import distributed  # noqa: F401  (names DeepSpeed's accelerator before it is imported)
+    from deepspeed.accelerator import get_accelerator
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
+    print("[setup] DeepSpeed's shm op compiled")
+PY
 stamp_value > "$STAMP"
 echo "[setup] done: $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
