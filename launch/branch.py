@@ -76,7 +76,7 @@ def plan_branch(trunk: Path, trunk_cfg: dict, at: str, cooldown_epochs: float, n
     """Every check, nothing created: the branch point, its place in the stable phase, the branch's config."""
     from trainer.checkpoint import check_complete
     from trainer.config import config_from_dict
-    from trainer.tracking import run_id_of
+    from trainer.tracking import run_record
 
     tag = find_branch_point(trunk, at)
     meta = check_complete(tag)
@@ -102,23 +102,14 @@ def plan_branch(trunk: Path, trunk_cfg: dict, at: str, cooldown_epochs: float, n
                     "epochs": math.ceil(end / steps_per_epoch), "max_steps": end, "resume": "auto",
                     "branch_of": f"{trunk.resolve()}@step_{state['step']}"}
     cfg["schedule"] = {**sched, "cooldown_epochs": cooldown_epochs, "cooldown_fraction": 0.0}
-    trunk_run = state.get("tracking_run_id") or run_id_of(trunk)  # the id is filed once the run exists
+    logged = run_record(trunk)
+    trunk_run = state.get("tracking_run_id") or logged.get("run_id")  # the id is filed once the run exists
     # the store the trunk's run is in, even where it came from MLFLOW_TRACKING_URI and not the config: a nested
     # run belongs beside its parent, whatever the environment the branch is started from
-    store = trunk_store(trunk)
-    cfg["tracking"] = {**trunk_cfg["tracking"], "parent_run_id": trunk_run, **({"uri": store} if store else {})}
+    store = {"uri": logged["uri"]} if logged.get("uri") else {}
+    cfg["tracking"] = {**trunk_cfg["tracking"], "parent_run_id": trunk_run, **store}
     checked = config_from_dict(cfg, overrides, source=f"{trunk}/config.yaml + the branch")
     return Branch(name, branch, tag, meta, checked, cooldown_steps)
-
-
-def trunk_store(trunk: Path) -> str | None:
-    """The MLflow tracking URI the trunk's run logged to (its run directory's tracking_run.json), if it tracked."""
-    from trainer.tracking import RUN_FILE
-
-    try:
-        return json.loads((trunk / RUN_FILE).read_text()).get("uri")
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def make_branch(b: Branch) -> None:

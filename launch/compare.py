@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
     from mlflow.tracking import MlflowClient
 
-    from trainer.tracking import store_lock
+    from trainer.tracking import NOT_A_SETTING, store_lock
     with store_lock(args.uri):  # opening may migrate a SQLite store: not beside a job doing the same
         client = MlflowClient(args.uri)
     named = [find_run(client, key) for key in args.runs]
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         args.log_to = sweeps[0].info.run_id
     keys = sorted({k for r in runs for k in r.data.params})
     differ = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1
-              and not k.startswith(("train.run_name", "train.output_dir", "train.branch_of", "tracking.", "checkpoint."))]
+              and (k == "train.seed" or not k.startswith(NOT_A_SETTING))]  # seeds: grouped below
     fig, (top1_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     seeded = seed_groups(runs, differ)
     if seeded:  # runs that differ only in train.seed: one curve, the mean over the seeds, with a band

@@ -207,7 +207,7 @@ register_model(
     # For tests, the demo and CPU work: 32-64 px inputs.
     _variant("cs_mixer_tiny", img_size=32, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
              head_dim=2, group_size=4, drop_path=0.0),
-    # A larger CPU variant (twice tiny's width, stage 3 twice as deep; 4.6x its MACs): the teacher of the
+    # A larger CPU variant (twice tiny's width, stage 3 twice as deep; 4.4x its MACs): the teacher of the
     # distillation measured on digits (docs/budgets.md).
     _variant("cs_mixer_mini", img_size=32, embed_dim=64, depths=(1, 1, 4, 1), num_heads=(2, 4, 8, 16),
              head_dim=2, group_size=4, drop_path=0.0),

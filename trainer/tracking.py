@@ -28,6 +28,10 @@ from typing import Any
 
 SPOOL = "tracking_spool.jsonl"
 RUN_FILE = "tracking_run.json"  # which store, experiment and run the spool belongs to
+# Parameters that say where or how a run was kept, not what it trained: runs of one recipe that differ only in
+# these and train.seed are seeds of one setting (the off-track check, launch/compare.py).
+NOT_A_SETTING = ("train.seed", "train.run_name", "train.output_dir", "train.resume", "train.branch_of", "tracking.",
+                 "checkpoint.")
 TRAINING_PREFIXES = ("train/", "val/")  # keys deduplicated by step on resume
 MAX_BATCH = 1000                        # MLflow's limit of metrics per log_batch
 
@@ -50,12 +54,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_record(run_dir: Path) -> dict:
+    """What a run directory logged to (tracking_run.json: uri, experiment, run_id), once the run was created
+    ({} before, or without tracking)."""
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def run_id_of(run_dir: Path) -> str | None:
     """The MLflow run id a run directory logged to, once the run was created (None before)."""
-    try:
-        return json.loads((run_dir / RUN_FILE).read_text()).get("run_id")
-    except (OSError, json.JSONDecodeError):
-        return None
+    return run_record(run_dir).get("run_id")
 
 
 def local_artifact_root(uri: str) -> str | None:

@@ -58,7 +58,7 @@ from .losses import DistillationLoss
 from .mfu import mfu_pct, peak_tflops, train_flops_per_image
 from .preflight import node_name, preflight
 from .state import RunState
-from .tracking import Tracker, run_id_of, start_run_tracking
+from .tracking import NOT_A_SETTING, Tracker, run_id_of, start_run_tracking
 from .watchdog import HangWatchdog
 
 EXIT_PREEMPTED = 85   # checkpointed after a stop signal: requeue me
@@ -398,12 +398,6 @@ class Evaluator:
         if verdict:
             t.log(f"[off-track] epoch {epoch}: {verdict}")
             t.tracker.set_tags({"off_track": f"epoch {epoch}: {verdict}"})
-
-
-# Parameters that say where or how a run was kept, not what it trained: runs of one recipe that differ only in
-# these and train.seed are seeds of one setting.
-NOT_A_SETTING = ("train.seed", "train.run_name", "train.output_dir", "train.resume", "train.branch_of", "tracking.",
-                 "checkpoint.")
 
 
 @dataclass
